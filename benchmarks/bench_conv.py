@@ -1,0 +1,54 @@
+"""Speed of ``conv2d`` (im2col + one matrix product) against ``conv2d_naive``, and its GFLOP/s.
+
+    python benchmarks/bench_conv.py [--device cpu|gpu]
+
+Prints one JSON object. Both kernels of the ratio are timed in the same run.
+"""
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from rso_np import functional as F
+from rso_np.backend import get_xp, synchronize
+
+
+def best_time(fn, xp, repeat):
+    fn()
+    synchronize(xp)
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        synchronize(xp)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args(argv)
+    xp = get_xp(args.device)
+    rng = np.random.default_rng(0)
+    res = {"device": args.device}
+
+    x = xp.asarray(rng.standard_normal((8, 16, 14, 14)).astype(np.float32))
+    W = xp.asarray(rng.standard_normal((16, 16, 3, 3)).astype(np.float32))
+    t_fast = best_time(lambda: F.conv2d(x, W, padding=1), xp, args.repeat)
+    t_naive = best_time(lambda: F.conv2d_naive(x, W, padding=1), xp, 1)
+    res["small"] = {"shape": "(8,16,14,14)x(16,16,3,3) pad 1", "conv2d_s": t_fast, "conv2d_naive_s": t_naive,
+                    "speedup": t_naive / t_fast}
+
+    x = xp.asarray(rng.standard_normal((256, 16, 28, 28)).astype(np.float32))
+    t = best_time(lambda: F.conv2d(x, W, padding=1), xp, args.repeat)
+    flops = 2 * 256 * 16 * 28 * 28 * 16 * 9
+    res["large"] = {"shape": "(256,16,28,28)x(16,16,3,3) pad 1", "conv2d_s": t, "gflops": flops / t / 1e9}
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""Convolution, pooling, activation and dense kernels as plain functions.
+
+Notation (CS231n/DeZero): N batch, C channels, H/W height/width, KH/KW kernel
+height/width, OH/OW output height/width, C_out output channels. Arrays are NCHW
+and float32 (float64 works too and is used by gradient checks). Every function
+works on NumPy and CuPy arrays alike and returns arrays on the input's backend.
+
+Each forward ``f(x, ...)`` has a ``f_backward(dout, ...)`` that returns the
+gradients of a scalar loss with respect to the inputs, given ``dout`` = dL/d(out).
+"""
+
+from ._checks import check_float, check_ndim
+from .backend import get_array_module
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _pair(v, name):
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+        a, b = int(v[0]), int(v[1])
+    else:
+        a = b = int(v)
+    return a, b
+
+
+def conv_output_size(size, k, stride, padding):
+    """Output length of a convolution/pool along one axis (floor mode)."""
+    return (size + 2 * padding - k) // stride + 1
+
+
+def _check_x(x, name="x"):
+    check_float(name, x)
+    check_ndim(name, x, 4, "(N, C, H, W)")
+
+
+# --------------------------------------------------------------------------- im2col
+
+
+def im2col(x, KH, KW, stride=1, padding=0):
+    """Unfold image patches into one contiguous matrix.
+
+    x: (N, C, H, W) float.  Returns ``col`` of shape (N*OH*OW, KH*KW*C), row
+    (n, oh, ow) holding the KH x KW x C patch that output pixel (oh, ow) of image
+    n sees, in (kh, kw, c) order, plus (OH, OW).
+
+    Built with one strided slice per kernel offset (Chainer's ``im2col_cpu``):
+    KH*KW copies of a whole (N, OH, OW, C) block, no Python loop over pixels.
+    """
+    xp = get_array_module(x)
+    N, C, H, W = x.shape
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    OH = conv_output_size(H, KH, sh, ph)
+    OW = conv_output_size(W, KW, sw, pw)
+    if OH < 1 or OW < 1:
+        raise ValueError(f"kernel {KH}x{KW} does not fit input {H}x{W} with padding {padding}")
+    # NHWC, padded: the C values of one pixel are contiguous, so each copy below
+    # moves whole rows of C numbers.
+    xh = xp.zeros((N, H + 2 * ph, W + 2 * pw, C), dtype=x.dtype)
+    xh[:, ph:ph + H, pw:pw + W, :] = x.transpose(0, 2, 3, 1)
+    col = xp.empty((N, OH, OW, KH, KW, C), dtype=x.dtype)
+    for i in range(KH):
+        for j in range(KW):
+            col[:, :, :, i, j, :] = xh[:, i:i + sh * OH:sh, j:j + sw * OW:sw, :]
+    return col.reshape(N * OH * OW, KH * KW * C), (OH, OW)
+
+
+def col2im(col, x_shape, KH, KW, stride=1, padding=0):
+    """Adjoint of :func:`im2col`: sum patch gradients back into an image.
+
+    col: (N*OH*OW, KH*KW*C).  Returns (N, C, H, W).
+    """
+    xp = get_array_module(col)
+    N, C, H, W = x_shape
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    OH = conv_output_size(H, KH, sh, ph)
+    OW = conv_output_size(W, KW, sw, pw)
+    col = col.reshape(N, OH, OW, KH, KW, C)
+    xh = xp.zeros((N, H + 2 * ph, W + 2 * pw, C), dtype=col.dtype)
+    for i in range(KH):
+        for j in range(KW):
+            xh[:, i:i + sh * OH:sh, j:j + sw * OW:sw, :] += col[:, :, :, i, j, :]
+    return xh[:, ph:ph + H, pw:pw + W, :].transpose(0, 3, 1, 2)
+
+
+def _weight_matrix(W):
+    """(C_out, C_in, KH, KW) -> (C_out, KH*KW*C_in), matching im2col's (kh, kw, c) order."""
+    C_out = W.shape[0]
+    return W.transpose(0, 2, 3, 1).reshape(C_out, -1)
+
+
+# --------------------------------------------------------------------------- convolution
+
+
+def _check_conv(x, W, b):
+    _check_x(x)
+    check_float("W", W)
+    check_ndim("W", W, 4, "(C_out, C_in, KH, KW)")
+    if W.shape[1] != x.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} channels but W expects C_in={W.shape[1]} "
+                         f"(x shape {x.shape}, W shape {W.shape})")
+    if b is not None and tuple(b.shape) != (W.shape[0],):
+        raise ValueError(f"b must have shape ({W.shape[0]},), got {tuple(b.shape)}")
+
+
+def conv2d(x, W, b=None, stride=1, padding=0):
+    """2-d cross-correlation (what deep learning calls convolution).
+
+    x: (N, C_in, H, W) float32; W: (C_out, C_in, KH, KW) (PyTorch's layout);
+    b: (C_out,) or None.  Returns (N, C_out, OH, OW) with
+    OH = (H + 2*padding - KH) // stride + 1.
+
+    im2col turns the input into one (N*OH*OW, KH*KW*C_in) matrix; one matrix
+    product with the (KH*KW*C_in, C_out) weights gives every output at once.
+    """
+    _check_conv(x, W, b)
+    N = x.shape[0]
+    C_out, _, KH, KW = W.shape
+    col, (OH, OW) = im2col(x, KH, KW, stride, padding)
+    out = col @ _weight_matrix(W).T                      # (N*OH*OW, C_out)
+    if b is not None:
+        out += b
+    return out.reshape(N, OH, OW, C_out).transpose(0, 3, 1, 2)
+
+
+def conv2d_naive(x, W, b=None, stride=1, padding=0):
+    """The same as :func:`conv2d`, with plain loops: the readable reference.
+
+    out[n, o, i, j] = b[o] + sum_{c, ki, kj} W[o, c, ki, kj] * xpad[n, c, i*s + ki, j*s + kj]
+    """
+    _check_conv(x, W, b)
+    xp = get_array_module(x)
+    N, C, H, Wd = x.shape
+    C_out, _, KH, KW = W.shape
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    OH = conv_output_size(H, KH, sh, ph)
+    OW = conv_output_size(Wd, KW, sw, pw)
+    xpad = xp.zeros((N, C, H + 2 * ph, Wd + 2 * pw), dtype=x.dtype)
+    xpad[:, :, ph:ph + H, pw:pw + Wd] = x
+    out = xp.zeros((N, C_out, OH, OW), dtype=x.dtype)
+    for n in range(N):
+        for o in range(C_out):
+            for i in range(OH):
+                for j in range(OW):
+                    patch = xpad[n, :, i * sh:i * sh + KH, j * sw:j * sw + KW]
+                    out[n, o, i, j] = (patch * W[o]).sum() + (b[o] if b is not None else 0)
+    return out
+
+
+def conv2d_backward(dout, x, W, b=None, stride=1, padding=0):
+    """Gradients of :func:`conv2d`.
+
+    dout: (N, C_out, OH, OW).  Returns (dx (N, C_in, H, W), dW like W, db (C_out,)
+    or None when ``b`` is None).
+    """
+    N = x.shape[0]
+    C_out, C_in, KH, KW = W.shape
+    col, (OH, OW) = im2col(x, KH, KW, stride, padding)
+    d2 = dout.transpose(0, 2, 3, 1).reshape(N * OH * OW, C_out)
+    dWm = d2.T @ col                                       # (C_out, KH*KW*C_in)
+    dW = dWm.reshape(C_out, KH, KW, C_in).transpose(0, 3, 1, 2)
+    dcol = d2 @ _weight_matrix(W)                          # (N*OH*OW, KH*KW*C_in)
+    dx = col2im(dcol, x.shape, KH, KW, stride, padding)
+    db = d2.sum(axis=0) if b is not None else None
+    return dx, dW, db
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+def _pool_geometry(x, kernel_size, stride):
+    _check_x(x)
+    KH, KW = _pair(kernel_size, "kernel_size")
+    sh, sw = _pair(kernel_size if stride is None else stride, "stride")
+    H, W = x.shape[2:]
+    OH, OW = conv_output_size(H, KH, sh, 0), conv_output_size(W, KW, sw, 0)
+    if OH < 1 or OW < 1:
+        raise ValueError(f"pool kernel {KH}x{KW} does not fit input {H}x{W} (x shape {x.shape})")
+    return KH, KW, sh, sw, OH, OW
+
+
+def max_pool2d(x, kernel_size=2, stride=None):
+    """Max over KH x KW windows. x: (N, C, H, W); stride defaults to kernel_size.
+
+    Returns (N, C, OH, OW), OH = (H - KH) // stride + 1 (floor mode, no padding).
+    """
+    KH, KW, sh, sw, OH, OW = _pool_geometry(x, kernel_size, stride)
+    out = None
+    for i in range(KH):
+        for j in range(KW):
+            s = x[:, :, i:i + sh * OH:sh, j:j + sw * OW:sw]
+            out = s.copy() if out is None else get_array_module(x).maximum(out, s)
+    return out
+
+
+def max_pool2d_backward(dout, x, kernel_size=2, stride=None):
+    """Gradient of :func:`max_pool2d`: each window's gradient goes to its first maximum."""
+    xp = get_array_module(x)
+    KH, KW, sh, sw, OH, OW = _pool_geometry(x, kernel_size, stride)
+    out = max_pool2d(x, kernel_size, stride)
+    dx = xp.zeros_like(x)
+    taken = xp.zeros(out.shape, dtype=bool)
+    for i in range(KH):
+        for j in range(KW):
+            s = x[:, :, i:i + sh * OH:sh, j:j + sw * OW:sw]
+            hit = (s == out) & ~taken
+            taken |= hit
+            dx[:, :, i:i + sh * OH:sh, j:j + sw * OW:sw] += dout * hit
+    return dx
+
+
+def avg_pool2d(x, kernel_size=2, stride=None):
+    """Mean over KH x KW windows. x: (N, C, H, W) -> (N, C, OH, OW)."""
+    KH, KW, sh, sw, OH, OW = _pool_geometry(x, kernel_size, stride)
+    out = get_array_module(x).zeros(x.shape[:2] + (OH, OW), dtype=x.dtype)
+    for i in range(KH):
+        for j in range(KW):
+            out += x[:, :, i:i + sh * OH:sh, j:j + sw * OW:sw]
+    out *= x.dtype.type(1.0 / (KH * KW))
+    return out
+
+
+def avg_pool2d_backward(dout, x_shape, kernel_size=2, stride=None):
+    """Gradient of :func:`avg_pool2d`. dout: (N, C, OH, OW) -> dx (N, C, H, W)."""
+    xp = get_array_module(dout)
+    KH, KW = _pair(kernel_size, "kernel_size")
+    sh, sw = _pair(kernel_size if stride is None else stride, "stride")
+    OH, OW = dout.shape[2:]
+    dx = xp.zeros(x_shape, dtype=dout.dtype)
+    g = dout * dout.dtype.type(1.0 / (KH * KW))
+    for i in range(KH):
+        for j in range(KW):
+            dx[:, :, i:i + sh * OH:sh, j:j + sw * OW:sw] += g
+    return dx
+
+
+def global_avg_pool2d(x):
+    """Mean over the whole image. x: (N, C, H, W) -> (N, C)."""
+    _check_x(x)
+    return x.mean(axis=(2, 3))
+
+
+def global_avg_pool2d_backward(dout, x_shape):
+    """Gradient of :func:`global_avg_pool2d`. dout: (N, C) -> (N, C, H, W)."""
+    xp = get_array_module(dout)
+    H, W = x_shape[2:]
+    g = dout * dout.dtype.type(1.0 / (H * W))
+    return xp.broadcast_to(g[:, :, None, None], x_shape).copy()
+
+
+# --------------------------------------------------------------------------- activations, dense
+
+
+def relu(x):
+    """max(x, 0), elementwise, any shape."""
+    check_float("x", x)
+    return get_array_module(x).maximum(x, 0)
+
+
+def relu_backward(dout, x):
+    """Gradient of :func:`relu`: dout where x > 0, else 0."""
+    return dout * (x > 0)
+
+
+def flatten(x):
+    """(N, ...) -> (N, prod(...)), row-major (C, H, W) order."""
+    return x.reshape(x.shape[0], -1)
+
+
+def flatten_backward(dout, x_shape):
+    return dout.reshape(x_shape)
+
+
+def linear(x, W, b=None):
+    """Dense layer: x (N, in) float, W (out, in) (PyTorch's layout), b (out,) -> (N, out)."""
+    check_float("x", x)
+    check_ndim("x", x, 2, "(N, in_features)")
+    check_ndim("W", W, 2, "(out_features, in_features)")
+    if W.shape[1] != x.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} features but W expects in_features={W.shape[1]} "
+                         f"(x shape {x.shape}, W shape {W.shape})")
+    out = x @ W.T
+    if b is not None:
+        out += b
+    return out
+
+
+def linear_backward(dout, x, W, b=None):
+    """Gradients of :func:`linear`: (dx (N, in), dW (out, in), db (out,) or None)."""
+    return dout @ W, dout.T @ x, (dout.sum(axis=0) if b is not None else None)
+
+
+# --------------------------------------------------------------------------- batch norm
+
+
+def batch_norm2d(x, gamma, beta, mean=None, var=None, eps=1e-5):
+    """Per-channel normalisation. x: (N, C, H, W); gamma, beta: (C,).
+
+    With ``mean``/``var`` None the batch statistics are used (training and RSO
+    search); otherwise the given (population) statistics (evaluation).
+    Returns (out, (xhat, inv_std)); the second item is what the backward needs.
+    """
+    _check_x(x)
+    C = x.shape[1]
+    for name, p in (("gamma", gamma), ("beta", beta)):
+        if tuple(p.shape) != (C,):
+            raise ValueError(f"{name} must have shape ({C},) for x with {C} channels, got {tuple(p.shape)}")
+    xp = get_array_module(x)
+    if mean is None:
+        mean = x.mean(axis=(0, 2, 3))
+        var = x.var(axis=(0, 2, 3))
+    inv_std = 1.0 / xp.sqrt(var + eps)
+    xhat = (x - mean[:, None, None]) * inv_std[:, None, None]
+    out = xhat * gamma[:, None, None] + beta[:, None, None]
+    return out.astype(x.dtype, copy=False), (xhat, inv_std)
+
+
+def batch_norm2d_backward(dout, cache, gamma, batch_stats=True):
+    """Gradients of :func:`batch_norm2d`: (dx, dgamma, dbeta).
+
+    ``batch_stats`` says whether the forward used the batch's own statistics
+    (then the mean and variance depend on x too) or fixed ones.
+    """
+    xhat, inv_std = cache
+    dbeta = dout.sum(axis=(0, 2, 3))
+    dgamma = (dout * xhat).sum(axis=(0, 2, 3))
+    dxhat = dout * gamma[:, None, None]
+    if not batch_stats:
+        return dxhat * inv_std[:, None, None], dgamma, dbeta
+    m = dout.shape[0] * dout.shape[2] * dout.shape[3]
+    dx = (inv_std[:, None, None] / m) * (
+        m * dxhat - dxhat.sum(axis=(0, 2, 3))[:, None, None]
+        - xhat * (dxhat * xhat).sum(axis=(0, 2, 3))[:, None, None])
+    return dx, dgamma, dbeta

@@ -1,0 +1,71 @@
+"""Model builders.
+
+``paper_mnist`` is the MNIST network of the authors' own code (see the paper
+notes): six 3x3 convolutions with 16 channels, 11,824 weights.
+"""
+
+import numpy as np
+
+from .layers import AvgPool2d, BatchNorm2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, MaxPool2d, ReLU
+from .model import Sequential
+
+
+def _rng(seed):
+    return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+
+
+def paper_mnist(batch_norm=False, seed=0, channels=16, num_classes=10, in_channels=1):
+    """The authors' MNIST network.
+
+    conv1..conv6: 3x3, padding 1, ``channels`` channels, no bias; 2x2 average
+    pooling after conv2 and conv4; batch norm (optional) after every conv, after
+    the pooling where there is one; ReLU after conv1..conv5, none after conv6;
+    global average pooling; dense channels -> num_classes without bias.
+    11,824 weights for the defaults (+192 batch-norm parameters).
+    ``seed``: an int or a ``numpy.random.Generator`` for the He initialisation.
+    """
+    rng = _rng(seed)
+    layers = []
+    c_in = in_channels
+    for i in range(1, 7):
+        layers.append((f"conv{i}", Conv2d(c_in, channels, 3, padding=1, rng=rng)))
+        if i in (2, 4):
+            layers.append((f"pool{i}", AvgPool2d(2)))
+        if batch_norm:
+            layers.append((f"bn{i}", BatchNorm2d(channels)))
+        if i < 6:
+            layers.append((f"relu{i}", ReLU()))
+        c_in = channels
+    layers += [("gap", GlobalAvgPool2d()), ("fc", Dense(channels, num_classes, rng=rng))]
+    return Sequential(layers)
+
+
+def small_mnist(seed=0, num_classes=10, in_channels=1):
+    """A small CNN for quick demos and tests (28x28 input, 1,770 weights).
+
+    conv1 3x3 (1->8, stride 2, padding 1) -> ReLU -> 14x14;
+    conv2 3x3 (8->8, padding 1) -> ReLU -> 2x2 max pool -> 7x7;
+    3x3 average pool, stride 2 -> 3x3; flatten (72) -> dense 72 -> 10... see ``num_weights()``.
+    """
+    rng = _rng(seed)
+    return Sequential([
+        ("conv1", Conv2d(in_channels, 8, 3, stride=2, padding=1, rng=rng)),
+        ("relu1", ReLU()),
+        ("conv2", Conv2d(8, 8, 3, padding=1, rng=rng)),
+        ("relu2", ReLU()),
+        ("pool2", MaxPool2d(2)),
+        ("pool3", AvgPool2d(3, stride=2)),
+        ("flatten", Flatten()),
+        ("fc", Dense(8 * 3 * 3, num_classes, rng=rng)),
+    ])
+
+
+MODELS = {"paper_mnist": paper_mnist, "paper_mnist_bn": lambda seed=0: paper_mnist(True, seed),
+          "small_mnist": small_mnist}
+
+
+def build_model(name, seed=0):
+    """Build a model by name: one of ``MODELS``."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return MODELS[name](seed=seed)
