@@ -38,6 +38,11 @@ def _check_x(x, name="x"):
 # --------------------------------------------------------------------------- im2col
 
 
+def _as_strided(x, shape, strides):
+    xp = get_array_module(x)
+    return xp.lib.stride_tricks.as_strided(x, shape=shape, strides=strides)
+
+
 def im2col(x, KH, KW, stride=1, padding=0):
     """Unfold image patches into one contiguous matrix.
 
@@ -45,8 +50,10 @@ def im2col(x, KH, KW, stride=1, padding=0):
     (n, oh, ow) holding the KH x KW x C patch that output pixel (oh, ow) of image
     n sees, in (kh, kw, c) order, plus (OH, OW).
 
-    Built with one strided slice per kernel offset (Chainer's ``im2col_cpu``):
-    KH*KW copies of a whole (N, OH, OW, C) block, no Python loop over pixels.
+    The image is first laid out as padded NHWC, so that for one kernel row kh the
+    KW*C numbers a patch needs are contiguous in memory. A strided view then
+    shows every patch in place, (N, OH, OW, KH, KW*C), without copying, and one
+    copy makes it the contiguous matrix that a single BLAS call multiplies.
     """
     xp = get_array_module(x)
     N, C, H, W = x.shape
@@ -56,14 +63,12 @@ def im2col(x, KH, KW, stride=1, padding=0):
     OW = conv_output_size(W, KW, sw, pw)
     if OH < 1 or OW < 1:
         raise ValueError(f"kernel {KH}x{KW} does not fit input {H}x{W} with padding {padding}")
-    # NHWC, padded: the C values of one pixel are contiguous, so each copy below
-    # moves whole rows of C numbers.
     xh = xp.zeros((N, H + 2 * ph, W + 2 * pw, C), dtype=x.dtype)
     xh[:, ph:ph + H, pw:pw + W, :] = x.transpose(0, 2, 3, 1)
-    col = xp.empty((N, OH, OW, KH, KW, C), dtype=x.dtype)
-    for i in range(KH):
-        for j in range(KW):
-            col[:, :, :, i, j, :] = xh[:, i:i + sh * OH:sh, j:j + sw * OW:sw, :]
+    s = xh.strides
+    # patches[n, oh, ow, kh, kw*C + c] = xh[n, oh*sh + kh, ow*sw + kw, c]
+    patches = _as_strided(xh, (N, OH, OW, KH, KW * C), (s[0], s[1] * sh, s[2] * sw, s[1], s[3]))
+    col = xp.ascontiguousarray(patches)
     return col.reshape(N * OH * OW, KH * KW * C), (OH, OW)
 
 
