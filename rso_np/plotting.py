@@ -1,0 +1,69 @@
+"""Plots of loss and accuracy per round (RSO) or epoch (SGD), for one run or several side by side."""
+
+import os
+import tempfile
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+X_AXES = ("rounds", "updates")
+
+
+def _atomic_savefig(fig, path):
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1] or ".png", dir=d)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _xs(history, x):
+    return [r["weight_updates"] if x == "updates" else r["round"] for r in history]
+
+
+def _xlabel(runs, x):
+    if x == "updates":
+        return "weight updates (times each weight was updated)"
+    kinds = {r["optimizer"] for r in runs}
+    return "round" if kinds == {"rso"} else "epoch" if kinds == {"sgd"} else "round (RSO) / epoch (SGD)"
+
+
+def plot_runs(runs, path, x="rounds", title=None):
+    """Loss (left) and test accuracy (right) of one or more runs.
+
+    ``runs``: list of dicts with "label", "optimizer" and "history" (the records of history.json).
+    ``x``: "rounds" (round/epoch number) or "updates" (weight updates, the paper's comparison).
+    """
+    if x not in X_AXES:
+        raise ValueError(f"x must be one of {X_AXES}, got {x!r}")
+    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, run in enumerate(runs):
+        h = run["history"]
+        xs = _xs(h, x)
+        color = f"C{i}"
+        ax_l.plot(xs, [r["train_loss"] for r in h], "-o", color=color, ms=3, label=f"{run['label']} train")
+        ax_l.plot(xs, [r["test_loss"] for r in h], "--s", color=color, ms=3, label=f"{run['label']} test")
+        ax_a.plot(xs, [100 * r["test_acc"] for r in h], "-o", color=color, ms=3, label=run["label"])
+    ax_l.set_ylabel("cross-entropy loss (mean)")
+    ax_a.set_ylabel("test accuracy (%)")
+    for ax in (ax_l, ax_a):
+        ax.set_xlabel(_xlabel(runs, x))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        if x == "updates":
+            ax.set_xscale("symlog", linthresh=1)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _atomic_savefig(fig, path)

@@ -1,0 +1,247 @@
+"""Running a training job: rounds (RSO) or epochs (SGD), evaluation, history, plots, checkpoints, resume.
+
+Files written into the run folder, each atomically (temporary file, then rename), after every round:
+``history.json`` and ``history.csv`` (one record per round, round 0 being the initial network),
+``loss.png`` (loss per round, with an accuracy panel) and ``checkpoint.npz`` (weights, optimiser state,
+the random generator's state, the history and the run's settings). A run resumed from its checkpoint
+ends with the same weights as one that was never stopped.
+"""
+
+import csv
+import io
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .backend import get_xp, synchronize, to_device
+from .data import load_dataset
+from .losses import accuracy, logit_cross_entropy
+from .model import CheckpointError, read_npz
+from .models import build_model
+from .plotting import plot_runs
+from .rso import RSO, RSOConfig
+from .sgd import SGD, SGDConfig
+
+CHECKPOINT = "checkpoint.npz"
+CSV_FIELDS = ("round", "train_loss", "train_acc", "test_loss", "test_acc", "accepted", "seconds",
+              "weight_updates")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run (saved in its checkpoint)."""
+
+    optimizer: str = "rso"
+    model: str = "small_mnist"
+    dataset: str = "mnist"
+    rounds: int = 10                # RSO rounds or SGD epochs
+    seed: int = 0
+    train_limit: int = None
+    test_limit: int = None
+    eval_train_limit: int = 10000   # training examples used for the per-round train loss/accuracy
+    rso: dict = field(default_factory=lambda: RSOConfig().to_dict())
+    sgd: dict = field(default_factory=lambda: SGDConfig().to_dict())
+
+    def to_json(self):
+        return json.dumps(self.__dict__, sort_keys=True)
+
+
+def atomic_write_text(path, text):
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def check_writable(out_dir):
+    """Create ``out_dir`` if needed and prove a file can be written there; OSError naming it if not."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".probe-", dir=out)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise OSError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+
+
+def evaluate(model, x, y, batch_size=1000):
+    """(mean loss, accuracy) of ``model`` in evaluation mode on (x, y), in chunks."""
+    model.eval()
+    total, correct = 0.0, 0.0
+    for s in range(0, x.shape[0], batch_size):
+        logits = model.forward(x[s:s + batch_size], check=False).astype(model.xp.float64)
+        yb = y[s:s + batch_size]
+        total += float(logit_cross_entropy(logits, yb, "sum", check=False))
+        correct += accuracy(logits, yb) * yb.shape[0]
+    model.train()
+    return total / x.shape[0], correct / x.shape[0]
+
+
+def rng_state_json(rng):
+    return json.dumps(rng.bit_generator.state)
+
+
+def rng_from_json(text):
+    state = json.loads(text)
+    rng = np.random.Generator(getattr(np.random, state["bit_generator"])())
+    rng.bit_generator.state = state
+    return rng
+
+
+class Trainer:
+    """One training run, on "cpu" or "gpu", writing into ``out_dir``.
+
+    ``log(str)`` prints table rows; ``progress(done, total, what)`` is the hook inside a round.
+    """
+
+    def __init__(self, config, out_dir, device="cpu", data_dir=None, resume=False, log=print,
+                 progress=None, data=None):
+        self.out = Path(out_dir)
+        self.log = log
+        self.progress = progress
+        ckpt = read_npz(self.out / CHECKPOINT) if resume else None
+        if resume:
+            saved = RunConfig(**json.loads(str(ckpt["extra/run_config"])))
+            saved.rounds = config.rounds if config.rounds is not None else saved.rounds
+            config = saved
+        elif (self.out / CHECKPOINT).exists():
+            raise CheckpointError(f"{self.out / CHECKPOINT} exists: use --resume to continue that run, "
+                                  "or choose another --out")
+        self.config = config
+        if config.rounds is None or config.rounds < 1:
+            raise ValueError(f"rounds/epochs must be at least 1, got {config.rounds}")
+        self.xp = get_xp(device)
+        self.device = device
+        d = data if data is not None else load_dataset(config.dataset, data_dir, config.train_limit,
+                                                       config.test_limit)
+        self.x_train, self.y_train = to_device(d["x_train"], self.xp), to_device(d["y_train"], self.xp)
+        self.x_test, self.y_test = to_device(d["x_test"], self.xp), to_device(d["y_test"], self.xp)
+        n_eval = min(config.eval_train_limit or self.x_train.shape[0], self.x_train.shape[0])
+        self.x_eval, self.y_eval = self.x_train[:n_eval], self.y_train[:n_eval]
+        self.model = build_model(config.model, seed=config.seed).to(self.xp)
+        self.rng = np.random.default_rng(config.seed + 1)   # the model's initialisation used `seed`
+        self.history = []
+        sigmas = None
+        if ckpt is not None:
+            try:
+                self.model.load(self.out / CHECKPOINT)
+            except CheckpointError as exc:
+                raise CheckpointError(f"cannot resume: {exc}") from None
+            self.rng = rng_from_json(str(ckpt["extra/rng_state"]))
+            self.history = json.loads(str(ckpt["extra/history"]))
+            sigmas = json.loads(str(ckpt["extra/sigmas"]))
+        check_writable(self.out)
+        if config.optimizer == "rso":
+            self.opt = RSO(self.model, self.x_train, self.y_train, RSOConfig(**config.rso), self.rng,
+                           rounds=config.rounds, sigmas=sigmas, progress=progress)
+        elif config.optimizer == "sgd":
+            self.opt = SGD(self.model, self.x_train, self.y_train, SGDConfig(**config.sgd), self.rng,
+                           progress=progress)
+            if ckpt is not None:
+                for k in self.opt.velocity:
+                    self.opt.velocity[k][...] = self.xp.asarray(ckpt[f"extra/velocity/{k}"])
+        else:
+            raise ValueError(f"optimizer must be 'rso' or 'sgd', got {config.optimizer!r}")
+        self.sigmas = self.opt.sigmas if config.optimizer == "rso" else {}
+
+    @property
+    def rounds_done(self):
+        return self.history[-1]["round"] if self.history else 0
+
+    def _evaluate(self):
+        if any(type(layer).__name__ == "BatchNorm2d" for layer in self.model.layers):
+            self.model.estimate_population_stats(self.x_eval)
+        tl, ta = evaluate(self.model, self.x_eval, self.y_eval)
+        vl, va = evaluate(self.model, self.x_test, self.y_test)
+        return {"train_loss": tl, "train_acc": ta, "test_loss": vl, "test_acc": va}
+
+    def _record(self, rnd, seconds, accepted, counts, updates):
+        rec = {"round": rnd, **self._evaluate(), "accepted": accepted, "seconds": seconds,
+               "weight_updates": updates}
+        if counts is not None:
+            rec["counts"] = counts
+        self.history.append(rec)
+        return rec
+
+    def header(self):
+        unit = "round" if self.config.optimizer == "rso" else "epoch"
+        return (f"{unit:>5} | {'train loss':>10} | {'train acc':>9} | {'test loss':>9} | {'test acc':>8} | "
+                f"{'accepted':>8} | {'seconds':>8}")
+
+    @staticmethod
+    def row(rec):
+        acc = "" if rec["accepted"] is None else f"{100 * rec['accepted']:7.1f}%"
+        return (f"{rec['round']:5d} | {rec['train_loss']:10.4f} | {100 * rec['train_acc']:8.2f}% | "
+                f"{rec['test_loss']:9.4f} | {100 * rec['test_acc']:7.2f}% | {acc:>8} | {rec['seconds']:8.1f}")
+
+    def run(self):
+        """Train until ``config.rounds``; returns the history."""
+        cfg = self.config
+        self.log(self.header())
+        if not self.history:
+            self.log(self.row(self._record(0, 0.0, None, None, 0)))
+            self.save()
+        else:
+            self.log(f"(resumed after {self.rounds_done} of {cfg.rounds})")
+        for rnd in range(self.rounds_done + 1, cfg.rounds + 1):
+            t = time.perf_counter()
+            if cfg.optimizer == "rso":
+                stats = self.opt.run_round(rnd)
+                counts = stats["counts"]
+                trials = sum(sum(c) for c in counts.values())
+                accepted = sum(c[0] + c[2] for c in counts.values()) / trials
+                updates = rnd
+            else:
+                self.opt.run_epoch()
+                counts, accepted = None, None
+                updates = rnd * self.opt.steps_per_epoch()
+            synchronize(self.xp)
+            rec = self._record(rnd, time.perf_counter() - t, accepted, counts, updates)
+            self.log(self.row(rec))
+            self.save()
+        return self.history
+
+    def save(self):
+        """Checkpoint, history.json, history.csv and loss.png, each atomically."""
+        extra = {"run_config": np.array(self.config.to_json()), "rng_state": np.array(rng_state_json(self.rng)),
+                 "history": np.array(json.dumps(self.history)), "sigmas": np.array(json.dumps(self.sigmas))}
+        if self.config.optimizer == "sgd":
+            extra.update({f"velocity/{k}": to_device(v, "cpu") for k, v in self.opt.velocity.items()})
+        self.model.save(self.out / CHECKPOINT, extra=extra)
+        meta = {"optimizer": self.config.optimizer, "model": self.config.model, "dataset": self.config.dataset,
+                "device": self.device, "settings": json.loads(self.config.to_json()), "history": self.history}
+        atomic_write_text(self.out / "history.json", json.dumps(meta, indent=1))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(self.history)
+        atomic_write_text(self.out / "history.csv", buf.getvalue())
+        label = f"{self.config.optimizer.upper()} {self.config.model}"
+        plot_runs([{"label": label, "optimizer": self.config.optimizer, "history": self.history}],
+                  self.out / "loss.png", title=f"{label} on {self.config.dataset}")
+
+
+def load_run(path):
+    """The history.json of a run folder (or the file itself), for ``plot``."""
+    p = Path(path)
+    f = p / "history.json" if p.is_dir() else p
+    try:
+        meta = json.loads(f.read_text())
+        meta["history"]
+    except FileNotFoundError:
+        raise ValueError(f"{f}: no such file (not a run folder written by 'train')") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{f}: not a history.json written by 'train' ({exc})") from None
+    return meta
