@@ -84,6 +84,8 @@ def build_parser():
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint, with its saved settings "
                         "(--rounds/--epochs may raise the total)")
+    g.add_argument("--stop-after", type=positive_int, metavar="N",
+                   help="stop after N rounds/epochs of this invocation (continue later with --resume)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar inside rounds")
     g = t.add_argument_group("RSO options (defaults: see rso_np/rso.py RSOConfig)")
     g.add_argument("--sigma-schedule", choices=SIGMA_SCHEDULES,
@@ -121,10 +123,10 @@ def run_config(args):
                         layer_order=args.layer_order, loss_agg=args.loss_agg).validate()
     sgd_cfg = SGDConfig(batch_size=args.batch_size or SGDConfig.batch_size, lr=args.lr, momentum=args.momentum,
                         weight_decay=args.sgd_weight_decay).validate()
-    rounds = args.rounds if args.optimizer == "rso" else args.epochs
     if args.resume:
-        total = rounds                       # None: keep the saved total
+        total = args.rounds or args.epochs   # None: keep the saved total
     else:
+        rounds = args.rounds if args.optimizer == "rso" else args.epochs
         total = rounds or (preset.get("rounds", LAPTOP["rounds"]) if args.optimizer == "rso" else LAPTOP["epochs"])
     return RunConfig(optimizer=args.optimizer, model=pick("model"), dataset=args.dataset, rounds=total,
                      seed=args.seed, train_limit=args.train_limit, test_limit=args.test_limit,
@@ -168,7 +170,7 @@ def cmd_train(args):
     print(f"{c.optimizer.upper()} on {c.dataset} ({trainer.x_train.shape[0]} train / {trainer.x_test.shape[0]} "
           f"test images), model {c.model} ({trainer.model.num_weights()} weights), device {args.device}, "
           f"{c.rounds} {'rounds' if c.optimizer == 'rso' else 'epochs'}, writing to {out}", flush=True)
-    trainer.run()
+    trainer.run(stop_after=args.stop_after)
     print(f"done: {out}/loss.png, {out}/history.csv, {out}/checkpoint.npz")
 
 

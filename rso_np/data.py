@@ -130,14 +130,14 @@ def file_digests(path):
     return md5.hexdigest(), sha.hexdigest()
 
 
-def verify(path, dataset):
-    """Raise DataError unless ``path`` has the published MD5 and SHA-256 of its file name."""
-    want = CHECKSUMS[dataset].get(Path(path).name)
+def verify(path, dataset, name=None, shown=None):
+    """Raise DataError unless ``path`` has the published MD5 and SHA-256 of file ``name`` (its own name)."""
+    want = CHECKSUMS[dataset].get(name or Path(path).name)
     if want is None:
         return
     got = file_digests(path)
     if got[0] != want[0] or got[1] != want[1]:
-        raise DataError(f"{path}: checksum mismatch (md5 {got[0]}, expected {want[0]}); "
+        raise DataError(f"{shown or path}: checksum mismatch (md5 {got[0]}, expected {want[0]}); "
                         "the file is corrupt or not the original: delete it to download it again")
 
 
@@ -157,7 +157,7 @@ def download(url, dest, dataset, timeout=60, log=sys.stderr):
                     print(f"\r  {dest.name}: {done * 100 // total:3d}%", end="", file=log, flush=True)
             if log is not None and total:
                 print(file=log)
-        verify(tmp, dataset)
+        verify(tmp, dataset, name=dest.name, shown=url)
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):

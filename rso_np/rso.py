@@ -147,8 +147,8 @@ class RSO:
 
     x: (N, C, H, W) float32 and y: (N,) int, on the model's backend (NumPy or CuPy).
     ``rng``: the host-side ``numpy.random.Generator`` behind every random decision.
-    ``progress(done, total, unit_name)`` is called after each trial; ``trial_hook(unit, j, losses,
-    choice)`` too, for tests and tutorials.
+    ``progress(done, total, unit_name)`` is called after each trial; ``trial_hook(unit, j, idx, losses,
+    choice)`` too (idx: the minibatch's indices), for tests and tutorials.
     """
 
     def __init__(self, model, x, y, config=None, rng=None, rounds=1, sigmas=None, progress=None,
@@ -216,7 +216,7 @@ class RSO:
                 flat[j] = w_cands[k]                            # restores W bit-exactly when W wins
                 picked[j] = k
                 if self.trial_hook is not None:
-                    self.trial_hook(unit, j, losses, k)
+                    self.trial_hook(unit, j, idx, losses, k)
                 done += 1
                 if self.progress is not None:
                     self.progress(done, total, unit.name)

@@ -142,7 +142,6 @@ class Trainer:
             self.rng = rng_from_json(str(ckpt["extra/rng_state"]))
             self.history = json.loads(str(ckpt["extra/history"]))
             sigmas = json.loads(str(ckpt["extra/sigmas"]))
-        check_writable(self.out)
         if config.optimizer == "rso":
             self.opt = RSO(self.model, self.x_train, self.y_train, RSOConfig(**config.rso), self.rng,
                            rounds=config.rounds, sigmas=sigmas, progress=progress)
@@ -155,6 +154,7 @@ class Trainer:
         else:
             raise ValueError(f"optimizer must be 'rso' or 'sgd', got {config.optimizer!r}")
         self.sigmas = self.opt.sigmas if config.optimizer == "rso" else {}
+        check_writable(self.out)
 
     @property
     def rounds_done(self):
@@ -186,8 +186,8 @@ class Trainer:
         return (f"{rec['round']:5d} | {rec['train_loss']:10.4f} | {100 * rec['train_acc']:8.2f}% | "
                 f"{rec['test_loss']:9.4f} | {100 * rec['test_acc']:7.2f}% | {acc:>8} | {rec['seconds']:8.1f}")
 
-    def run(self):
-        """Train until ``config.rounds``; returns the history."""
+    def run(self, stop_after=None):
+        """Train until ``config.rounds`` (or for ``stop_after`` rounds of this call); returns the history."""
         cfg = self.config
         self.log(self.header())
         if not self.history:
@@ -195,7 +195,8 @@ class Trainer:
             self.save()
         else:
             self.log(f"(resumed after {self.rounds_done} of {cfg.rounds})")
-        for rnd in range(self.rounds_done + 1, cfg.rounds + 1):
+        last = cfg.rounds if stop_after is None else min(cfg.rounds, self.rounds_done + stop_after)
+        for rnd in range(self.rounds_done + 1, last + 1):
             t = time.perf_counter()
             if cfg.optimizer == "rso":
                 stats = self.opt.run_round(rnd)

@@ -1,0 +1,204 @@
+"""The command line end to end on a small real MNIST subset, resume, and every kind of bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rso_np.cli import main
+from rso_np.model import read_npz
+
+from .conftest import mnist_dir
+from .test_data import fake_checksums, write_set
+
+MNIST = mnist_dir("mnist")
+needs_mnist = pytest.mark.skipif(MNIST is None, reason="real MNIST files not found ($RSO_NP_DATA or ../shared/data)")
+SMALL = ["--train-limit", "200", "--test-limit", "100", "--eval-train-limit", "100", "--no-progress"]
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@needs_mnist
+def test_train_rso_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, MPLBACKEND="Agg")
+    r = subprocess.run([sys.executable, "-m", "rso_np", "train", "--data-dir", str(MNIST), "--rounds", "2",
+                        "--batch-size", "16", "--out", str(out), *SMALL], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert any(l.split("|")[0].strip() == "2" for l in lines if "|" in l), r.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "history.csv", "history.json", "loss.png"]
+    meta = json.loads((out / "history.json").read_text())
+    h = meta["history"]
+    assert [r["round"] for r in h] == [0, 1, 2]
+    assert h[2]["train_loss"] < h[0]["train_loss"], "two rounds of RSO lower the training loss"
+    assert sum(h[1]["counts"]["fc.weight"]) == 720, "every fc weight tried once"
+    assert (out / "history.csv").read_text().splitlines()[0].startswith("round,train_loss,train_acc")
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@needs_mnist
+@pytest.mark.parametrize("optimizer,flag", [("rso", "--rounds"), ("sgd", "--epochs")])
+def test_resume_matches_uninterrupted(tmp_path, capsys, optimizer, flag):
+    base = ["train", "--optimizer", optimizer, "--data-dir", str(MNIST), "--batch-size", "16", "--seed", "3",
+            flag, "2", *SMALL]
+    assert run_cli([*base, "--out", str(tmp_path / "full")], capsys)[0] == 0
+    part = tmp_path / "stopped"
+    assert run_cli([*base, "--out", str(part), "--stop-after", "1"], capsys)[0] == 0
+    h = json.loads((part / "history.json").read_text())["history"]
+    assert [r["round"] for r in h] == [0, 1]
+    code, out, err = run_cli(["train", "--resume", "--out", str(part), "--data-dir", str(MNIST), "--no-progress"],
+                             capsys)
+    assert code == 0, err
+    assert "resumed after 1 of 2" in out
+    a, b = read_npz(tmp_path / "full" / "checkpoint.npz"), read_npz(part / "checkpoint.npz")
+    params = [k for k in a if k.startswith("param/")]
+    assert params
+    for k in params:
+        assert np.array_equal(a[k], b[k]), k
+    assert str(a["extra/rng_state"]) == str(b["extra/rng_state"])
+    ha = json.loads((tmp_path / "full" / "history.json").read_text())["history"]
+    hb = json.loads((part / "history.json").read_text())["history"]
+    assert [r["test_loss"] for r in ha] == [r["test_loss"] for r in hb]
+
+
+@needs_mnist
+def test_sgd_and_plot_overlay(tmp_path, capsys):
+    base = ["train", "--data-dir", str(MNIST), "--batch-size", "16", *SMALL]
+    assert run_cli([*base, "--optimizer", "sgd", "--epochs", "1", "--out", str(tmp_path / "sgd")], capsys)[0] == 0
+    assert run_cli([*base, "--rounds", "1", "--out", str(tmp_path / "rso")], capsys)[0] == 0
+    for x in ("rounds", "updates"):
+        code, out, err = run_cli(["plot", str(tmp_path / "rso"), str(tmp_path / "sgd"), "--x", x,
+                                  "--out", str(tmp_path / f"cmp-{x}.png")], capsys)
+        assert code == 0, err
+        assert (tmp_path / f"cmp-{x}.png").read_bytes()[:4] == b"\x89PNG"
+    sgd = json.loads((tmp_path / "sgd" / "history.json").read_text())["history"]
+    assert sgd[1]["weight_updates"] == 200 // 16 + 1
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--optimizer", "adam"], ["--optimizer", "invalid choice: 'adam'"]),
+    (["--dataset", "cifar"], ["--dataset", "invalid choice"]),
+    (["--rounds", "0"], ["--rounds", "must be at least 1, got 0"]),
+    (["--rounds", "-3"], ["--rounds", "must be at least 1, got -3"]),
+    (["--epochs", "x"], ["--epochs", "whole number"]),
+    (["--model", "vgg"], ["--model", "invalid choice: 'vgg'"]),
+    (["--sigma-schedule", "cosine"], ["--sigma-schedule", "invalid choice"]),
+    (["--resume"], ["--resume needs --out"]),
+])
+def test_bad_options(args, needles, capsys, tmp_path):
+    code, out, err = run_cli(["train", "--data-dir", str(tmp_path), *args], capsys)
+    assert_one_line_error(code, err, *needles)
+
+
+def test_unknown_command(capsys):
+    assert_one_line_error(*run_cli(["fly"], capsys)[::2], "invalid choice: 'fly'")
+
+
+@pytest.fixture
+def fake_mnist(tmp_path, monkeypatch):
+    folder = write_set(tmp_path / "mnist", n_train=60, n_test=20)
+    fake_checksums(folder, monkeypatch)
+    return folder
+
+
+def run_bad(capsys, tmp_path, data_dir, *extra):
+    out = tmp_path / "out"
+    code, _, err = run_cli(["train", "--data-dir", str(data_dir), "--rounds", "1", "--batch-size", "8",
+                            "--out", str(out), "--no-progress", *extra], capsys)
+    return code, err, out
+
+
+def test_batch_larger_than_training_set(capsys, tmp_path, fake_mnist):
+    code, err, out = run_bad(capsys, tmp_path, fake_mnist, "--batch-size", "100")
+    assert_one_line_error(code, err, "batch_size 100 is larger than the training set (60 examples)")
+    assert not out.exists()
+
+
+def test_gpu_unavailable(capsys, tmp_path, fake_mnist, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    code, err, out = run_bad(capsys, tmp_path, fake_mnist, "--device", "gpu")
+    assert_one_line_error(code, err, "device 'gpu' needs CuPy", "pip install cupy-cuda")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda f: (f / "train-labels-idx1-ubyte.gz").unlink(), "train-labels-idx1-ubyte.gz: no such file"),
+    (lambda f: (f / "t10k-images-idx3-ubyte.gz").write_bytes(b"garbage!"), "t10k-images-idx3-ubyte.gz: checksum mismatch"),
+    (lambda f: (f / "train-images-idx3-ubyte.gz").write_bytes(
+        (f / "train-images-idx3-ubyte.gz").read_bytes()[:100]), "train-images-idx3-ubyte.gz: checksum mismatch"),
+])
+def test_bad_data_files(capsys, tmp_path, fake_mnist, damage, needle):
+    damage(fake_mnist)
+    code, err, out = run_bad(capsys, tmp_path, fake_mnist)
+    assert_one_line_error(code, err, needle)
+    assert not out.exists()
+
+
+def test_corrupt_and_truncated_data_with_matching_checksums(capsys, tmp_path, monkeypatch):
+    import gzip
+    folder = write_set(tmp_path / "mnist", n_train=60, n_test=20)
+    raw = gzip.decompress((folder / "train-images-idx3-ubyte.gz").read_bytes())
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(raw[:-50]))       # truncated IDX
+    fake_checksums(folder, monkeypatch)
+    code, err, out = run_bad(capsys, tmp_path, folder)
+    assert_one_line_error(code, err, "train-images-idx3-ubyte.gz", "truncated or wrong count")
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b\x08\x00corrupt")          # corrupt gzip
+    fake_checksums(folder, monkeypatch)
+    code, err, out = run_bad(capsys, tmp_path, folder)
+    assert_one_line_error(code, err, "ubyte.gz")
+    assert not out.exists()
+
+
+def test_unwritable_out(capsys, tmp_path, fake_mnist):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code, _, err = run_cli(["train", "--data-dir", str(fake_mnist), "--rounds", "1", "--batch-size", "8",
+                            "--out", str(blocker / "run"), "--no-progress"], capsys)
+    assert_one_line_error(code, err, "--out", "cannot write there")
+
+
+def test_checkpoint_other_model_or_corrupt(capsys, tmp_path, fake_mnist):
+    out = tmp_path / "run"
+    base = ["train", "--data-dir", str(fake_mnist), "--batch-size", "8", "--no-progress", "--out", str(out)]
+    assert run_cli([*base, "--optimizer", "sgd", "--epochs", "1"], capsys)[0] == 0
+    # a run folder with a checkpoint is not overwritten by a new run
+    code, _, err = run_cli([*base, "--optimizer", "sgd", "--epochs", "1"], capsys)
+    assert_one_line_error(code, err, "exists: use --resume")
+    # the checkpoint replaced by one of another architecture
+    from rso_np.models import paper_mnist
+    ck = read_npz(out / "checkpoint.npz")
+    before = (out / "history.json").read_text()
+    extra = {k[len("extra/"):]: v for k, v in ck.items() if k.startswith("extra/")}
+    paper_mnist().save(out / "checkpoint.npz", extra=extra)
+    code, _, err = run_cli([*base, "--resume", "--epochs", "2"], capsys)
+    assert_one_line_error(code, err, "cannot resume", "architecture mismatch")
+    # a truncated checkpoint
+    p = out / "checkpoint.npz"
+    p.write_bytes(p.read_bytes()[:300])
+    code, _, err = run_cli([*base, "--resume", "--epochs", "2"], capsys)
+    assert_one_line_error(code, err, "checkpoint.npz", "corrupt or truncated")
+    assert (out / "history.json").read_text() == before, "failed runs leave the folder as it was"
+    assert sorted(x.name for x in out.iterdir()) == ["checkpoint.npz", "history.csv", "history.json", "loss.png"]
+
+
+def test_plot_bad_run_folder(capsys, tmp_path):
+    code, _, err = run_cli(["plot", str(tmp_path), "--out", str(tmp_path / "x.png")], capsys)
+    assert_one_line_error(code, err, "history.json: no such file")
