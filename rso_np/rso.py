@@ -39,7 +39,7 @@ class RSOConfig:
     """Options of the search; where a default comes from is said beside it.
 
     batch_size: minibatch drawn anew for every weight. Paper and authors' code: 5000. The default
-        here, 256, is for a laptop CPU.
+        here, 1024, is for a laptop CPU.
     sigma_schedule: "linear" (the paper: sigma_d falls linearly so that in the last round it is
         sigma_d / 10) or "constant".
     weight_decay: w <- w * (1 - weight_decay) just before the weight's trial (authors' code: 1e-4;
@@ -51,7 +51,7 @@ class RSOConfig:
     loss_agg: "sum" (the paper's F: the loss summed over the minibatch, in float64) or "mean".
     """
 
-    batch_size: int = 256
+    batch_size: int = 1024
     sigma_schedule: str = "linear"
     weight_decay: float = 0.0
     search_batch_norm: bool = True

@@ -25,9 +25,11 @@ from .model import CheckpointError, read_npz
 from .models import build_model
 from .plotting import plot_runs
 from .rso import RSO, RSOConfig
+from .rso_fast import FastRSO
 from .sgd import SGD, SGDConfig
 
 CHECKPOINT = "checkpoint.npz"
+ENGINES = {"literal": RSO, "fast": FastRSO}
 CSV_FIELDS = ("round", "train_loss", "train_acc", "test_loss", "test_acc", "accepted", "seconds",
               "weight_updates")
 
@@ -37,6 +39,7 @@ class RunConfig:
     """Everything that defines a run (saved in its checkpoint)."""
 
     optimizer: str = "rso"
+    engine: str = "fast"            # RSO engine: "fast" (rso_fast.FastRSO) or "literal" (rso.RSO)
     model: str = "small_mnist"
     dataset: str = "mnist"
     rounds: int = 10                # RSO rounds or SGD epochs
@@ -143,7 +146,9 @@ class Trainer:
             self.history = json.loads(str(ckpt["extra/history"]))
             sigmas = json.loads(str(ckpt["extra/sigmas"]))
         if config.optimizer == "rso":
-            self.opt = RSO(self.model, self.x_train, self.y_train, RSOConfig(**config.rso), self.rng,
+            if config.engine not in ENGINES:
+                raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {config.engine!r}")
+            self.opt = ENGINES[config.engine](self.model, self.x_train, self.y_train, RSOConfig(**config.rso), self.rng,
                            rounds=config.rounds, sigmas=sigmas, progress=progress)
         elif config.optimizer == "sgd":
             self.opt = SGD(self.model, self.x_train, self.y_train, SGDConfig(**config.sgd), self.rng,
