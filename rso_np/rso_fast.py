@@ -253,29 +253,36 @@ class FastRSO(RSO):
                 o, piece = j, layer._cache[0][:, j]
             else:                                          # batch-norm shift beta[o]
                 o, piece = j, xp.ones(z.shape[:1] + z.shape[2:], dtype=z.dtype)
-            # base pass: F(W)
+            # the unperturbed network up to the next mixing layer
             a = forward_grouped(between, z, 1)
             y = mix.forward(a) if mix is not None else a
-            base_logits = forward_grouped(after, y, 1)
-            # candidates: channel o only, then through channel o of the next mixing layer
+            # channel o of W + dW, W and W - dW through the per-channel layers, all three by one route so
+            # that their differences are exact: a change that vanishes (ReLU) gives a zero difference
             zo = z[:, o]
-            zc = xp.concatenate([zo + (wp - w0) * piece, zo + (wm - w0) * piece])[:, None]
-            ac = forward_channel(between, zc, o, 2)
+            zc = xp.concatenate([zo + (wp - w0) * piece, zo, zo + (wm - w0) * piece])[:, None]
+            ac = forward_channel(between, zc, o, 3)
             if a.ndim == 4:                                # still images: channel o is a[:, o]
                 cols = slice(o, o + 1)
             else:                                          # flattened or pooled to (B, C*H*W): its block
-                ac = ac.reshape(2 * B, -1)
+                ac = ac.reshape(3 * B, -1)
                 cols = slice(o * ac.shape[1], (o + 1) * ac.shape[1])
-            da = ac - xp.concatenate([a[:, cols]] * 2)
+            base = ac[B:2 * B]
+            da = xp.concatenate([ac[:B] - base, ac[2 * B:] - base])
             if mix is None:
-                yc = xp.concatenate([a, a])
-                yc[:, cols] += da
-            elif isinstance(mix, Conv2d):
-                yc = xp.concatenate([y, y]) + F.conv2d(da, mix.params["weight"][:, o:o + 1], None, mix.stride,
-                                                       mix.padding)
-            else:                                          # dense after flatten / global pooling
-                yc = xp.concatenate([y, y]) + da @ mix.params["weight"][:, cols].T
-            cand_logits = forward_grouped(after, yc, 2)
-            f = self._losses(xp.concatenate([cand_logits[:B], base_logits, cand_logits[B:]]), rows, 3)
-            return f
+                yc = xp.concatenate([a, a, a])
+                yc[:B, cols] += da[:B]
+                yc[2 * B:, cols] += da[B:]
+            else:
+                if isinstance(mix, Conv2d):
+                    dy = F.conv2d(da, mix.params["weight"][:, o:o + 1], None, mix.stride, mix.padding)
+                else:                                      # dense after flatten / global pooling
+                    dy = da @ mix.params["weight"][:, cols].T
+                yc = xp.concatenate([y + dy[:B], y, y + dy[B:]])
+            # W + dW, W and W - dW through the remaining layers as one batch of 3B
+            f = self._losses(forward_grouped(after, yc, 3), rows, 3)
+            # a candidate whose change vanished before the next mixing layer (a channel that ReLU zeroes,
+            # say) leaves the network's output as it is: its loss is F(W) exactly, a tie, as in the literal
+            # engine (rows of one batch may be rounded differently, so this is not left to the arithmetic)
+            moved = xp.stack([xp.any(da[:B] != 0), xp.asarray(True), xp.any(da[B:] != 0)])
+            return xp.where(moved, f, f[KEEP])
         return trial

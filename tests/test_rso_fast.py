@@ -1,0 +1,122 @@
+"""The fast engine makes the literal engine's decisions.
+
+Both engines run from the same seed. The fast one is kept on the literal one's path (its choice is
+recorded, then the literal choice is applied), so that every trial compares the two on identical
+weights: a decision that differs must be a float tie, and ties must stay below 0.1% of the trials.
+The losses the fast engine computes through its shortcuts must match the literal three forward passes.
+"""
+
+import numpy as np
+import pytest
+
+from rso_np import rso_fast
+from rso_np.backend import to_numpy
+from rso_np.models import paper_mnist, small_mnist
+from rso_np.rso import RSO, RSOConfig
+from rso_np.rso_fast import FastRSO
+
+from .conftest import mnist_dir
+
+
+def data(xp, n, size):
+    folder = mnist_dir("mnist")
+    if folder is None:
+        rng = np.random.default_rng(0)
+        y = rng.integers(0, 10, n)
+        x = rng.standard_normal((n, 1, 28, 28)).astype(np.float32) + (y / 5.0)[:, None, None, None]
+        x = x.astype(np.float32)
+    else:
+        from rso_np.data import load_dataset
+        d = load_dataset("mnist", data_dir=folder, train_limit=n, test_limit=1, log=None)
+        x, y = d["x_train"], d["y_train"]
+    if size == 14:
+        x = np.ascontiguousarray(x[:, :, ::2, ::2])
+    return xp.asarray(x), xp.asarray(y)
+
+
+def compare(xp, build, size, rounds=1, batch=16, n=300, monkeypatch=None, **cfg):
+    x, y = data(xp, n, size)
+    config = RSOConfig(batch_size=batch, **cfg)
+    lit_model = build().to(xp)
+    log = []
+    lit = RSO(lit_model, x, y, config, np.random.default_rng(7), rounds=rounds,
+              trial_hook=lambda u, j, idx, losses, k: log.append((u.name, j, losses, k)))
+    lit_out = [lit.run_round(c) for c in range(1, rounds + 1)]
+
+    fast_model = build().to(xp)
+    seen = []
+    real_choose = rso_fast.choose_device
+
+    def forced(f):
+        own = int(real_choose(f))
+        name, j, losses, k = log[len(seen)]
+        seen.append((to_numpy(f), own, losses, k))
+        return xp.asarray(k)
+
+    monkeypatch.setattr(rso_fast, "choose_device", forced)
+    fast = FastRSO(fast_model, x, y, config, np.random.default_rng(7), rounds=rounds)
+    fast_out = [fast.run_round(c) for c in range(1, rounds + 1)]
+    assert len(seen) == len(log) == rounds * lit.num_trials()
+
+    worst, ties = 0.0, 0
+    for f, own, losses, k in seen:
+        lit_f = np.array(losses)
+        worst = max(worst, float(np.abs(f - lit_f).max() / np.abs(lit_f).max()))
+        if own != k:
+            ties += 1
+            gap = abs(f[own] - f[k]) / abs(f[k])
+            assert gap < 1e-6, f"decision differs by more than a float tie: {f} fast {own} literal {k}"
+    assert worst < 1e-5, f"shortcut losses differ from the literal ones by {worst:.2e} (relative)"
+    assert ties <= 0.001 * len(seen), f"{ties} ties in {len(seen)} trials"
+    for a, b in zip(lit_out, fast_out):
+        assert a["counts"].keys() == b["counts"].keys()
+    for k, v in lit_model.parameters().items():
+        assert np.array_equal(to_numpy(v), to_numpy(fast_model.parameters()[k])), k
+    return ties, len(seen)
+
+
+@pytest.mark.parametrize("build,size,cfg", [
+    (lambda: small_mnist(channels=4), 28, {}),
+    (lambda: paper_mnist(channels=4), 14, {}),
+    (lambda: paper_mnist(batch_norm=True, channels=4), 14, {"weight_decay": 1e-4}),
+    (lambda: paper_mnist(batch_norm=True, channels=4), 14, {"layer_order": "first-to-last",
+                                                           "loss_agg": "mean"}),
+], ids=["small", "paper", "paper_bn_wd", "paper_bn_ablation"])
+def test_fast_matches_literal(xp, monkeypatch, build, size, cfg):
+    compare(xp, build, size, monkeypatch=monkeypatch, **cfg)
+
+
+def test_fast_matches_literal_unforced_small():
+    """Without any forcing: the same choices and the same weights over two rounds (no tie occurs here)."""
+    x, y = data(np, 300, 28)
+    outs, models = [], []
+    for engine in (RSO, FastRSO):
+        m = small_mnist(channels=4)
+        r = engine(m, x, y, RSOConfig(batch_size=16), np.random.default_rng(3), rounds=2)
+        outs.append([r.run_round(c)["choices"] for c in (1, 2)])
+        models.append(m)
+    differ = sum(int((a[k] != b[k]).sum()) for ra, rb in zip(*outs) for a, b in [(ra, rb)] for k in a)
+    total = sum(v.size for r in outs[0] for v in r.values())
+    assert differ <= 0.001 * total
+    if differ == 0:
+        for k, v in models[0].parameters().items():
+            assert np.array_equal(v, models[1].parameters()[k])
+
+
+def test_prefix_cache_fallback_is_exact(monkeypatch):
+    """With no room for the prefix cache the engine computes the prefix per trial: same results."""
+    ties, n = compare(np, lambda: paper_mnist(channels=4), 14, monkeypatch=monkeypatch)
+    monkeypatch.undo()
+    x, y = data(np, 300, 14)
+    a, b = paper_mnist(channels=4), paper_mnist(channels=4)
+    ra = FastRSO(a, x, y, RSOConfig(batch_size=16), np.random.default_rng(1))
+    rb = FastRSO(b, x, y, RSOConfig(batch_size=16), np.random.default_rng(1), cache_bytes=0)
+    ca, cb = ra.run_round(1)["choices"], rb.run_round(1)["choices"]
+    assert sum(int((ca[k] != cb[k]).sum()) for k in ca) <= 0.001 * ra.num_trials()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bn", [False, True])
+def test_fast_matches_literal_full_paper_mnist(monkeypatch, bn):
+    compare(np, lambda: paper_mnist(batch_norm=bn), 14, n=200, batch=8, monkeypatch=monkeypatch,
+            weight_decay=1e-4 if bn else 0.0)
