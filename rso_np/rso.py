@@ -195,32 +195,43 @@ class RSO:
         int8 array of PLUS/KEEP/MINUS per weight}}``.
         """
         self.model.train()                      # batch norm: batch statistics during the search
-        cfg = self.config
         counts, choices = {}, {}
-        done, total = 0, self.num_trials()
+        self._done, self._total = 0, self.num_trials()
         for unit in self.units:                                 # line 5: d = D down to 1
-            sigma = sigma_at_round(unit.sigma, c, self.rounds, cfg.sigma_schedule)
-            wd = cfg.weight_decay if unit.decay else 0.0
-            flat = unit.array.reshape(-1)   # a view: row-major = output channel, input channel, row, column
-            picked = np.empty(flat.size, dtype=np.int8)
-            for j in range(flat.size):                          # lines 6-7: every w_j of every w_id
-                idx, dw = self.draw(sigma)                      # lines 8-9
-                xi = self.xp.asarray(idx)
-                xb, yb = self.x[xi], self.y[xi]
-                w_cands = candidates(flat[j], dw, wd)
-                losses = []
-                for v in w_cands:                               # line 10: F at W + dW, W, W - dW
-                    flat[j] = v
-                    losses.append(self.minibatch_loss(xb, yb))
-                k = choose(*losses)                             # line 10: argmin, a tie keeps W
-                flat[j] = w_cands[k]                            # restores W bit-exactly when W wins
-                picked[j] = k
-                if self.trial_hook is not None:
-                    self.trial_hook(unit, j, idx, losses, k)
-                done += 1
-                if self.progress is not None:
-                    self.progress(done, total, unit.name)
+            sigma = sigma_at_round(unit.sigma, c, self.rounds, self.config.sigma_schedule)
+            picked = self.search_unit(unit, sigma)
             choices[unit.name] = picked
             counts[unit.name] = [int((picked == PLUS).sum()), int((picked == KEEP).sum()),
                                  int((picked == MINUS).sum())]
         return {"counts": counts, "choices": choices}
+
+    def _tick(self, name):
+        self._done = getattr(self, "_done", 0) + 1
+        if self.progress is not None:
+            self.progress(self._done, getattr(self, "_total", self.num_trials()), name)
+
+    def search_unit(self, unit, sigma, count=None):
+        """Lines 6-10 for one searched array: its first ``count`` weights (all by default), in order.
+
+        Returns the choices (int8 PLUS/KEEP/MINUS per weight tried).
+        """
+        wd = self.config.weight_decay if unit.decay else 0.0
+        flat = unit.array.reshape(-1)   # a view: row-major = output channel, input channel, row, column
+        n = flat.size if count is None else min(count, flat.size)
+        picked = np.empty(n, dtype=np.int8)
+        for j in range(n):                                      # lines 6-7: every w_j of every w_id
+            idx, dw = self.draw(sigma)                          # lines 8-9
+            xi = self.xp.asarray(idx)
+            xb, yb = self.x[xi], self.y[xi]
+            w_cands = candidates(flat[j], dw, wd)
+            losses = []
+            for v in w_cands:                                   # line 10: F at W + dW, W, W - dW
+                flat[j] = v
+                losses.append(self.minibatch_loss(xb, yb))
+            k = choose(*losses)                                 # line 10: argmin, a tie keeps W
+            flat[j] = w_cands[k]                                # restores W bit-exactly when W wins
+            picked[j] = k
+            if self.trial_hook is not None:
+                self.trial_hook(unit, j, idx, losses, k)
+            self._tick(unit.name)
+        return picked

@@ -130,45 +130,32 @@ class FastRSO(RSO):
                 return lambda rows: cache[where[rows]]
         return lambda rows: self.model.forward(x[rows], check=False, stop=d)
 
-    # ----------------------------------------------------------------------------------- a round
-    def run_round(self, c):
-        self.model.train()
+    # ----------------------------------------------------------------------------------- one layer
+    def search_unit(self, unit, sigma, count=None):
+        """``rso.RSO.search_unit`` with the shortcuts: same draws, same choices."""
         cfg, xp = self.config, self.xp
-        counts, choices = {}, {}
-        done, total = 0, self.num_trials()
-        for unit in self.units:
-            sigma = sigma_at_round(unit.sigma, c, self.rounds, cfg.sigma_schedule)
-            n = int(unit.array.size)
-            # every draw of the layer up front, in the literal engine's order: (minibatch, dW) per weight
-            idx_all = np.empty((n, cfg.batch_size), dtype=np.int64)
-            dws = np.empty(n)
-            for j in range(n):
-                idx_all[j], dws[j] = self.draw(sigma)
-            picked = xp.empty(n, dtype=xp.int8)
-            trial = self._trial_fn(unit, idx_all)
-            idx_dev, dws_dev = xp.asarray(idx_all), xp.asarray(dws)
-            wd = cfg.weight_decay if unit.decay else 0.0
-            flat = unit.array.reshape(-1)
-            for j in range(n):
-                rows = idx_dev[j]
-                # the three float32 values, as rso.candidates computes them, on the device
-                w0 = flat[j].astype(xp.float64)
-                w0 = (w0 * (1.0 - wd)).astype(xp.float32) if wd else flat[j].copy()
-                wp = (w0.astype(xp.float64) + dws_dev[j]).astype(xp.float32)
-                wm = (w0.astype(xp.float64) - dws_dev[j]).astype(xp.float32)
-                flat[j] = w0
-                f = trial(j, rows, w0, wp, wm)
-                k = choose_device(f)
-                flat[j] = xp.stack([wp, w0, wm])[k]
-                picked[j] = k
-                done += 1
-                if self.progress is not None:
-                    self.progress(done, total, unit.name)
-            picked = picked if xp is np else picked.get()
-            choices[unit.name] = picked
-            counts[unit.name] = [int((picked == PLUS).sum()), int((picked == KEEP).sum()),
-                                 int((picked == MINUS).sum())]
-        return {"counts": counts, "choices": choices}
+        flat = unit.array.reshape(-1)
+        n = flat.size if count is None else min(count, flat.size)
+        # every draw of the layer up front, in the literal engine's order: (minibatch, dW) per weight
+        idx_all = np.empty((n, cfg.batch_size), dtype=np.int64)
+        dws = np.empty(n)
+        for j in range(n):
+            idx_all[j], dws[j] = self.draw(sigma)
+        trial = self._trial_fn(unit, idx_all)
+        idx_dev, dws_dev = xp.asarray(idx_all), xp.asarray(dws)
+        wd = cfg.weight_decay if unit.decay else 0.0
+        picked = xp.empty(n, dtype=xp.int8)
+        for j in range(n):
+            # the three float32 values, as rso.candidates computes them, on the device
+            w0 = (flat[j].astype(xp.float64) * (1.0 - wd)).astype(xp.float32) if wd else flat[j].copy()
+            wp = (w0.astype(xp.float64) + dws_dev[j]).astype(xp.float32)
+            wm = (w0.astype(xp.float64) - dws_dev[j]).astype(xp.float32)
+            flat[j] = w0
+            k = choose_device(trial(j, idx_dev[j], w0, wp, wm))
+            flat[j] = xp.stack([wp, w0, wm])[k]
+            picked[j] = k
+            self._tick(unit.name)
+        return picked if xp is np else picked.get()
 
     def _trial_fn(self, unit, idx_all):
         """The function that evaluates (F(W+dW), F(W), F(W-dW)) for one trial of ``unit``."""
