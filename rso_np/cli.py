@@ -23,7 +23,7 @@ PRESETS = {
 
 # Defaults for a laptop CPU: small_mnist (4,568 weights), minibatch 1024 and the fast engine, so that a
 # round takes about a minute.
-LAPTOP = {"model": "small_mnist", "rounds": 10, "epochs": 5, "batch_size": None, "sigma_schedule": "linear",
+LAPTOP = {"model": "small_mnist", "rounds": 10, "epochs": 10, "batch_size": None, "sigma_schedule": "linear",
           "weight_decay": 0.0, "search_bn": True}
 
 
@@ -76,7 +76,7 @@ def build_parser():
     g.add_argument("--optimizer", choices=("rso", "sgd"), default="rso", help="(default: rso)")
     g.add_argument("--preset", choices=sorted(PRESETS), help="'paper': the authors' MNIST configuration")
     g.add_argument("--rounds", type=positive_int, help="RSO rounds (default: 10; paper: 50)")
-    g.add_argument("--epochs", type=positive_int, help="SGD epochs (default: 5)")
+    g.add_argument("--epochs", type=positive_int, help="SGD epochs (default: 10)")
     g.add_argument("--batch-size", type=positive_int,
                    help=f"minibatch (default: RSO {RSOConfig.batch_size}, paper 5000; SGD {SGDConfig.batch_size})")
     g.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="cpu (NumPy) or gpu (CuPy)")
@@ -106,6 +106,8 @@ def build_parser():
     g.add_argument("--momentum", type=float, default=SGDConfig.momentum, help=f"(default: {SGDConfig.momentum})")
     g.add_argument("--sgd-weight-decay", type=float, default=SGDConfig.weight_decay,
                    help=f"(default: {SGDConfig.weight_decay})")
+    g.add_argument("--lr-schedule", choices=("linear", "constant"), default=SGDConfig.lr_schedule,
+                   help="linear: lr falls to 0 over the run (default); constant")
 
     pl = sub.add_parser("plot", help="overlay the loss and accuracy of several runs (e.g. RSO vs SGD)")
     pl.add_argument("runs", nargs="+", metavar="DIR", help="run folders written by 'train'")
@@ -125,7 +127,7 @@ def run_config(args):
                         search_batch_norm=pick("search_bn"), bn_sigma=args.bn_sigma,
                         layer_order=args.layer_order, loss_agg=args.loss_agg).validate()
     sgd_cfg = SGDConfig(batch_size=args.batch_size or SGDConfig.batch_size, lr=args.lr, momentum=args.momentum,
-                        weight_decay=args.sgd_weight_decay).validate()
+                        weight_decay=args.sgd_weight_decay, lr_schedule=args.lr_schedule).validate()
     if args.resume:
         total = args.rounds or args.epochs   # None: keep the saved total
     else:

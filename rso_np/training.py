@@ -152,7 +152,7 @@ class Trainer:
                            rounds=config.rounds, sigmas=sigmas, progress=progress)
         elif config.optimizer == "sgd":
             self.opt = SGD(self.model, self.x_train, self.y_train, SGDConfig(**config.sgd), self.rng,
-                           progress=progress)
+                           epochs=config.rounds, progress=progress)
             if ckpt is not None:
                 for k in self.opt.velocity:
                     self.opt.velocity[k][...] = self.xp.asarray(ckpt[f"extra/velocity/{k}"])
@@ -210,7 +210,7 @@ class Trainer:
                 accepted = sum(c[0] + c[2] for c in counts.values()) / trials
                 updates = rnd
             else:
-                self.opt.run_epoch()
+                self.opt.run_epoch(rnd)
                 counts, accepted = None, None
                 updates = rnd * self.opt.steps_per_epoch()
             synchronize(self.xp)

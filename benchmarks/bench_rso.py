@@ -1,0 +1,220 @@
+"""Seconds per RSO trial, layer by layer, for the literal and the fast engine (and PyTorch), in one run.
+
+    python benchmarks/bench_rso.py [--model paper_mnist] [--batch-size 256] [--device cpu|gpu]
+                                   [--trials 20] [--torch] [--data-dir DIR] [--out FILE]
+
+For every searched array of the model it times ``--trials`` trials of each engine, and estimates the
+seconds of a full round as the sum over layers of (weights x seconds per trial), plus, for the fast
+engine, the time to build each layer's prefix cache for the images a full layer pass uses. It prints one
+JSON object with the per-layer figures, the estimated round for each engine and their ratio, all measured
+in the same run (absolute times on a shared CPU are noisy; the ratio is what to compare).
+
+``--torch`` also times the straightforward PyTorch version of the same algorithm on the same network and
+minibatches (three ``model(x)`` calls per weight under ``no_grad``); it is skipped with a message where
+PyTorch is not installed (it is not a dependency of rso_np).
+
+Training images: real MNIST from --data-dir or $RSO_NP_DATA/mnist when present, otherwise 60,000
+random images of the same shape (the timings do not depend on the pixel values).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+from rso_np.backend import get_xp, synchronize, to_numpy
+from rso_np.layers import AvgPool2d, BatchNorm2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, MaxPool2d, ReLU
+from rso_np.models import build_model
+from rso_np.rso import RSO, RSOConfig
+from rso_np.rso_fast import FastRSO
+
+
+def training_images(data_dir):
+    folder = data_dir or (os.path.join(os.environ["RSO_NP_DATA"], "mnist") if os.environ.get("RSO_NP_DATA")
+                          else None)
+    if folder and os.path.exists(os.path.join(folder, "train-images-idx3-ubyte.gz")):
+        from rso_np.data import load_dataset
+        d = load_dataset("mnist", data_dir=folder, test_limit=1, log=None)
+        return d["x_train"], d["y_train"], f"MNIST ({folder})"
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((60000, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, 60000),
+            "random images")
+
+
+def expected_unique(n_draws, n_images):
+    """Expected number of distinct images in n_draws uniform draws from n_images."""
+    return n_images * (1.0 - np.exp(-n_draws / n_images))
+
+
+def time_engine(engine_cls, model_name, x, y, cfg, trials, xp, fast):
+    model = build_model(model_name, seed=0).to(xp)
+    eng = engine_cls(model, xp.asarray(x), xp.asarray(y), cfg, np.random.default_rng(0), rounds=1)
+    model.train()
+    out = {}
+    for unit in eng.units:
+        n = int(unit.array.size)
+        k = min(trials, n)
+        setup_full = setup_small = 0.0
+        if fast:
+            rng = np.random.default_rng(1)
+            small = np.stack([rng.choice(x.shape[0], cfg.batch_size, replace=False) for _ in range(k)])
+            t = time.perf_counter()
+            eng._prefix_getter(unit.layer_index, small)
+            synchronize(xp)
+            setup_small = time.perf_counter() - t
+            # the cache of a full layer pass holds every image its n minibatches draw
+            full = np.stack([rng.choice(x.shape[0], cfg.batch_size, replace=False) for _ in range(n)])
+            t = time.perf_counter()
+            eng._prefix_getter(unit.layer_index, full)
+            synchronize(xp)
+            setup_full = time.perf_counter() - t
+            del full
+        eng.search_unit(unit, unit.sigma, count=1)            # warm-up
+        synchronize(xp)
+        t = time.perf_counter()
+        eng.search_unit(unit, unit.sigma, count=k)
+        synchronize(xp)
+        per_trial = max(time.perf_counter() - t - setup_small, 0.0) / k
+        out[unit.name] = {"weights": n, "trials_timed": k, "s_per_trial": per_trial, "setup_s": setup_full}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ PyTorch
+
+
+def torch_model(model):
+    import torch.nn as nn
+    mods = []
+    for layer in model.layers:
+        if isinstance(layer, Conv2d):
+            m = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                          bias="bias" in layer.params)
+        elif isinstance(layer, Dense):
+            m = nn.Linear(layer.in_features, layer.out_features, bias="bias" in layer.params)
+        elif isinstance(layer, BatchNorm2d):
+            m = nn.BatchNorm2d(layer.num_features, eps=layer.eps, track_running_stats=False)
+        elif isinstance(layer, ReLU):
+            m = nn.ReLU()
+        elif isinstance(layer, MaxPool2d):
+            m = nn.MaxPool2d(layer.kernel_size, layer.stride)
+        elif isinstance(layer, AvgPool2d):
+            m = nn.AvgPool2d(layer.kernel_size, layer.stride)
+        elif isinstance(layer, GlobalAvgPool2d):
+            m = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        elif isinstance(layer, Flatten):
+            m = nn.Flatten()
+        else:
+            raise TypeError(f"no PyTorch counterpart for {layer!r}")
+        mods.append(m)
+    net = nn.Sequential(*mods)
+    import torch
+    with torch.no_grad():
+        for layer, m in zip(model.layers, mods):
+            for k, v in layer.params.items():
+                getattr(m, k).copy_(torch.from_numpy(to_numpy(v)))
+    return net
+
+
+def time_torch(model_name, x, y, cfg, trials):
+    """The obvious PyTorch implementation: mutate one weight, three model(x) calls, keep the best."""
+    import torch
+    import torch.nn.functional as tF
+    model = build_model(model_name, seed=0)
+    net = torch_model(model).train()
+    X, Y = torch.from_numpy(x), torch.from_numpy(y)
+    rng = np.random.default_rng(0)
+    params = dict(net.named_parameters())
+    names = {f"{model.names[int(k.split('.')[0])]}.{k.split('.')[1]}": k for k in params}
+    units = RSO(model, x[:cfg.batch_size], y[:cfg.batch_size], cfg, rng).units
+    out = {}
+    with torch.no_grad():
+        for unit in units:
+            p = params[names[unit.name]].view(-1)
+            n = p.numel()
+            k = min(trials, n)
+
+            def trial(j):
+                idx = torch.from_numpy(rng.choice(X.shape[0], cfg.batch_size, replace=False))
+                xb, yb = X[idx], Y[idx]
+                dw = float(rng.normal(0.0, unit.sigma))
+                w = float(p[j])
+                losses = []
+                for v in (w + dw, w, w - dw):
+                    p[j] = v
+                    losses.append(float(tF.cross_entropy(net(xb).double(), yb, reduction="sum")))
+                p[j] = (w + dw, w, w - dw)[int(np.argmin(losses))]
+
+            trial(0)
+            t = time.perf_counter()
+            for j in range(k):
+                trial(j)
+            out[unit.name] = {"weights": n, "trials_timed": k, "s_per_trial": (time.perf_counter() - t) / k,
+                              "setup_s": 0.0}
+    return out
+
+
+def round_seconds(layers):
+    return sum(v["setup_s"] + v["weights"] * v["s_per_trial"] for v in layers.values())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="paper_mnist", help="model name (default: paper_mnist)")
+    ap.add_argument("--batch-size", type=int, default=256, help="minibatch (default: 256)")
+    ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    ap.add_argument("--trials", type=int, default=20, help="trials timed per layer and engine (default: 20)")
+    ap.add_argument("--engines", default="literal,fast", help="comma-separated: literal,fast (default: both)")
+    ap.add_argument("--torch", action="store_true", help="also time the straightforward PyTorch version")
+    ap.add_argument("--data-dir", help="folder with the MNIST .gz files (default: $RSO_NP_DATA/mnist)")
+    ap.add_argument("--out", help="also write the JSON to this file")
+    args = ap.parse_args(argv)
+    if args.trials < 1 or args.batch_size < 1:
+        ap.error("--trials and --batch-size must be at least 1")
+    xp = get_xp(args.device)
+    x, y, source = training_images(args.data_dir)
+    cfg = RSOConfig(batch_size=args.batch_size)
+    res = {"model": args.model, "batch_size": args.batch_size, "device": args.device, "images": source,
+           "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+           "python": platform.python_version(), "numpy": np.__version__, "engines": {}}
+    if args.device == "gpu":
+        import cupy
+        res["gpu"] = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        res["cupy"] = cupy.__version__
+    for name in args.engines.split(","):
+        if name not in ("literal", "fast"):
+            ap.error(f"unknown engine {name!r} in --engines")
+        print(f"timing the {name} engine ...", file=sys.stderr, flush=True)
+        layers = time_engine(FastRSO if name == "fast" else RSO, args.model, x, y, cfg, args.trials, xp,
+                             name == "fast")
+        res["engines"][name] = {"layers": layers, "round_s": round_seconds(layers)}
+    if args.torch:
+        try:
+            import torch
+            torch.set_num_threads(os.cpu_count())
+            print("timing the PyTorch version ...", file=sys.stderr, flush=True)
+            layers = time_torch(args.model, x, y, cfg, args.trials)
+            res["engines"]["torch"] = {"layers": layers, "round_s": round_seconds(layers),
+                                       "version": torch.__version__, "threads": torch.get_num_threads()}
+        except ImportError:
+            print("--torch: PyTorch is not installed; skipping the PyTorch comparison", file=sys.stderr)
+            res["torch_skipped"] = "PyTorch not installed"
+    rounds = {k: v["round_s"] for k, v in res["engines"].items()}
+    res["round_s"] = rounds
+    if "fast" in rounds:
+        for other in ("literal", "torch"):
+            if other in rounds:
+                res[f"speedup_fast_vs_{other}"] = rounds[other] / rounds["fast"]
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
