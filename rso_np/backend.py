@@ -21,7 +21,7 @@ class DeviceError(RuntimeError):
 
 def _import_cupy():
     try:
-        import cupy  # noqa: F401
+        import cupy
     except ImportError as exc:  # pragma: no cover - depends on the machine
         raise DeviceError(f"device 'gpu' needs CuPy, which is not installed ({exc}); {_CUPY_HELP}") from None
     return cupy

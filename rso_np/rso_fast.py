@@ -28,9 +28,10 @@ rounding, so only near-ties can be decided differently.
 import numpy as np
 
 from . import functional as F
+from .backend import get_array_module
 from .layers import AvgPool2d, BatchNorm2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, MaxPool2d, ReLU
 from .losses import per_sample_cross_entropy
-from .rso import KEEP, MINUS, PLUS, RSO, sigma_at_round
+from .rso import KEEP, MINUS, PLUS, RSO
 
 PER_CHANNEL = (ReLU, MaxPool2d, AvgPool2d, BatchNorm2d, GlobalAvgPool2d, Flatten)
 MIXING = (Conv2d, Dense)
@@ -42,14 +43,9 @@ def _bn(layer, x, groups):
     if groups == 1:
         return layer.forward(x)
     B = x.shape[0] // groups
-    xp = _xp(x)
+    xp = get_array_module(x)
     return xp.concatenate([F.batch_norm2d(x[g * B:(g + 1) * B], layer.params["weight"], layer.params["bias"],
                                           eps=layer.eps)[0] for g in range(groups)])
-
-
-def _xp(x):
-    from .backend import get_array_module
-    return get_array_module(x)
 
 
 def forward_grouped(layers, x, groups=1):
@@ -65,7 +61,7 @@ def forward_channel(layers, x, o, groups):
         if isinstance(layer, BatchNorm2d):
             B = x.shape[0] // groups
             g, b = layer.params["weight"][o:o + 1], layer.params["bias"][o:o + 1]
-            xp = _xp(x)
+            xp = get_array_module(x)
             x = xp.concatenate([F.batch_norm2d(x[k * B:(k + 1) * B], g, b, eps=layer.eps)[0]
                                 for k in range(groups)])
         elif isinstance(layer, Flatten):
@@ -77,14 +73,14 @@ def forward_channel(layers, x, o, groups):
 
 def group_losses(logits, y, groups, agg):
     """F for each of ``groups`` stacked minibatches: (groups,) float64, as the literal engine computes it."""
-    xp = _xp(logits)
+    xp = get_array_module(logits)
     per = per_sample_cross_entropy(logits.astype(xp.float64), xp.tile(y, groups)).reshape(groups, -1)
     return per.sum(axis=1) if agg == "sum" else per.mean(axis=1)
 
 
 def choose_device(f):
     """``rso.choose`` on a device array f = (F(W + dW), F(W), F(W - dW)): a tie keeps W, + beats -."""
-    xp = _xp(f)
+    xp = get_array_module(f)
     best = f.min()
     return xp.where(f[KEEP] == best, KEEP, xp.where(f[PLUS] == best, PLUS, MINUS))
 

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,3 +201,16 @@ def test_checkpoint_other_model_or_corrupt(capsys, tmp_path, fake_mnist):
 def test_plot_bad_run_folder(capsys, tmp_path):
     code, _, err = run_cli(["plot", str(tmp_path), "--out", str(tmp_path / "x.png")], capsys)
     assert_one_line_error(code, err, "history.json: no such file")
+
+
+def test_progress_bar_draws_and_clears():
+    import io
+    from rso_np.cli import ProgressBar
+    buf = io.StringIO()
+    bar = ProgressBar(stream=buf, width=10)
+    bar(1, 4, "fc.weight")
+    bar(2, 4, "fc.weight")          # within 0.2 s of the last draw: skipped
+    bar(4, 4, "conv1.weight")       # the last one always draws (and clears the line)
+    text = buf.getvalue()
+    assert "1/4 fc.weight" in text and "2/4" not in text
+    assert text.endswith("\r")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp
 
-from rso_np.backend import get_array_module, to_numpy
+from rso_np.backend import get_array_module
 from rso_np.losses import accuracy, logit_cross_entropy
 
 

@@ -49,7 +49,7 @@ def compare(xp, build, size, rounds=1, batch=16, n=300, monkeypatch=None, **cfg)
 
     def forced(f):
         own = int(real_choose(f))
-        name, j, losses, k = log[len(seen)]
+        _, _, losses, k = log[len(seen)]
         seen.append((to_numpy(f), own, losses, k))
         return xp.asarray(k)
 
@@ -103,10 +103,8 @@ def test_fast_matches_literal_unforced_small():
             assert np.array_equal(v, models[1].parameters()[k])
 
 
-def test_prefix_cache_fallback_is_exact(monkeypatch):
+def test_prefix_cache_fallback_is_exact():
     """With no room for the prefix cache the engine computes the prefix per trial: same results."""
-    ties, n = compare(np, lambda: paper_mnist(channels=4), 14, monkeypatch=monkeypatch)
-    monkeypatch.undo()
     x, y = data(np, 300, 14)
     a, b = paper_mnist(channels=4), paper_mnist(channels=4)
     ra = FastRSO(a, x, y, RSOConfig(batch_size=16), np.random.default_rng(1))
