@@ -15,12 +15,13 @@ import hashlib
 import os
 import struct
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+from ._io import atomic_path
 
 FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -145,9 +146,8 @@ def download(url, dest, dataset, timeout=60, log=sys.stderr):
     """Fetch ``url`` into ``dest``: temporary file in the same folder, checksum check, then rename."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".part-", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+    with atomic_path(dest, suffix=".part") as tmp:
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
             total = int(resp.headers.get("Content-Length") or 0)
             done = 0
             for chunk in iter(lambda: resp.read(1 << 16), b""):
@@ -158,10 +158,6 @@ def download(url, dest, dataset, timeout=60, log=sys.stderr):
             if log is not None and total:
                 print(file=log)
         verify(tmp, dataset, name=dest.name, shown=url)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def ensure_files(dataset="mnist", data_dir=None, download_missing=True, mirrors=None, log=sys.stderr):

@@ -2,11 +2,11 @@
 
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 
+from ._io import atomic_path
 from ._checks import check_finite, check_float, check_ndim
 from .backend import device_of, get_array_module, to_numpy
 from .layers import BatchNorm2d, Layer
@@ -214,17 +214,8 @@ def _summary(arch):
 
 def atomic_savez(path, arrays):
     """``np.savez`` to a temporary file beside ``path``, then rename: never a half-written file."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def read_npz(path):

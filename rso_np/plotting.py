@@ -1,7 +1,6 @@
 """Plots of loss and accuracy per round (RSO) or epoch (SGD), for one run or several side by side."""
 
 import os
-import tempfile
 
 import matplotlib
 
@@ -9,21 +8,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
+from ._io import atomic_path
+
 X_AXES = ("rounds", "updates")
 
 
 def _atomic_savefig(fig, path):
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1] or ".png", dir=d)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=os.path.splitext(os.fspath(path))[1] or ".png") as tmp:
+            fig.savefig(tmp, dpi=100)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _xs(history, x):

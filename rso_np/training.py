@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._io import atomic_write_text
 from .backend import get_xp, synchronize, to_device
 from .data import load_dataset
 from .losses import accuracy, logit_cross_entropy
@@ -52,19 +53,6 @@ class RunConfig:
 
     def to_json(self):
         return json.dumps(self.__dict__, sort_keys=True)
-
-
-def atomic_write_text(path, text):
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def check_writable(out_dir):
