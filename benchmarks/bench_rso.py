@@ -203,10 +203,15 @@ def main(argv=None):
         for other in ("literal", "torch"):
             if other in rounds:
                 res[f"speedup_fast_vs_{other}"] = rounds[other] / rounds["fast"]
+    emit(res, args.out)
+
+
+def emit(res, out=None):
+    """Print the result as JSON, and write it to ``out`` when given."""
     text = json.dumps(res, indent=1)
     print(text)
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             f.write(text + "\n")
 
 

@@ -11,7 +11,6 @@ difference after the round. Needs CuPy and a CUDA device.
 """
 
 import argparse
-import json
 import sys
 
 import numpy as np
@@ -22,7 +21,7 @@ from rso_np.models import build_model
 from rso_np.rso import RSOConfig
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_rso import training_images  # noqa: E402
+from bench_rso import emit, training_images  # noqa: E402
 
 
 def main(argv=None):
@@ -69,11 +68,7 @@ def main(argv=None):
     res = {"model": args.model, "engine": "fast", "images": source, "train_limit": args.train_limit,
            "batch_size": args.batch_size, "trials": len(seen), "identical_decisions": same / len(seen),
            "max_relative_loss_difference": rel, "max_weight_difference": wdiff}
-    text = json.dumps(res, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(res, args.out)
 
 
 if __name__ == "__main__":
