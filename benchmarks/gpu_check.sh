@@ -13,7 +13,13 @@ mkdir -p "$OUT"
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 DATA=gpu_data/mnist
-[ -f "$DATA/train-images-idx3-ubyte.gz" ] || DATA=${RSO_NP_DATA:-}/mnist
+if [ ! -f "$DATA/train-images-idx3-ubyte.gz" ]; then
+  DATA=${RSO_NP_DATA:+$RSO_NP_DATA/mnist}
+  if [ -z "$DATA" ] || [ ! -f "$DATA/train-images-idx3-ubyte.gz" ]; then
+    echo "no MNIST files: copy the four .gz files into gpu_data/mnist (and name gpu_data in carry) or set RSO_NP_DATA" >&2
+    DATA=gpu_data/mnist
+  fi
+fi
 PY=${PYTHON:-python}
 export MPLBACKEND=Agg
 step() { echo; echo "=== $* ($(date +%T))"; }
