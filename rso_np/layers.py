@@ -9,7 +9,7 @@ arrays a layer holds are the arrays the optimiser sees.
 import numpy as np
 
 from . import functional as F
-from .backend import get_array_module, to_device
+from .backend import to_device
 
 
 def _rng(seed_or_rng):
@@ -199,12 +199,3 @@ class BatchNorm2d(Layer):
         self.grads["weight"], self.grads["bias"] = dg, db
         return dx
 
-
-LAYER_TYPES = {cls.__name__: cls for cls in
-               (Conv2d, Dense, ReLU, MaxPool2d, AvgPool2d, GlobalAvgPool2d, Flatten, BatchNorm2d)}
-
-
-def xp_of_layer(layer):
-    for v in layer.params.values():
-        return get_array_module(v)
-    return np

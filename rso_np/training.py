@@ -136,8 +136,8 @@ class Trainer:
         if config.optimizer == "rso":
             if config.engine not in ENGINES:
                 raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {config.engine!r}")
-            self.opt = ENGINES[config.engine](self.model, self.x_train, self.y_train, RSOConfig(**config.rso), self.rng,
-                           rounds=config.rounds, sigmas=sigmas, progress=progress)
+            self.opt = ENGINES[config.engine](self.model, self.x_train, self.y_train, RSOConfig(**config.rso),
+                                              self.rng, rounds=config.rounds, sigmas=sigmas, progress=progress)
         elif config.optimizer == "sgd":
             self.opt = SGD(self.model, self.x_train, self.y_train, SGDConfig(**config.sgd), self.rng,
                            epochs=config.rounds, progress=progress)

@@ -1,6 +1,5 @@
 """Every tutorial notebook runs top to bottom (small settings, real MNIST)."""
 
-import os
 from pathlib import Path
 
 import pytest
