@@ -37,21 +37,21 @@ PER_CHANNEL = (ReLU, MaxPool2d, AvgPool2d, BatchNorm2d, GlobalAvgPool2d, Flatten
 MIXING = (Conv2d, Dense)
 
 
-def _bn(layer, x, groups):
+def _bn_groups(x, gamma, beta, eps, groups):
     """Batch norm in search mode, with each of ``groups`` consecutive blocks of the batch normalised by
     its own statistics (one block per candidate)."""
-    if groups == 1:
-        return layer.forward(x)
     B = x.shape[0] // groups
-    xp = get_array_module(x)
-    return xp.concatenate([F.batch_norm2d(x[g * B:(g + 1) * B], layer.params["weight"], layer.params["bias"],
-                                          eps=layer.eps)[0] for g in range(groups)])
+    return get_array_module(x).concatenate([F.batch_norm2d(x[k * B:(k + 1) * B], gamma, beta, eps=eps)[0]
+                                            for k in range(groups)])
 
 
 def forward_grouped(layers, x, groups=1):
     """Run ``layers`` on a batch made of ``groups`` minibatches stacked along N."""
     for layer in layers:
-        x = _bn(layer, x, groups) if isinstance(layer, BatchNorm2d) else layer.forward(x)
+        if isinstance(layer, BatchNorm2d) and groups > 1:
+            x = _bn_groups(x, layer.params["weight"], layer.params["bias"], layer.eps, groups)
+        else:
+            x = layer.forward(x)
     return x
 
 
@@ -59,11 +59,7 @@ def forward_channel(layers, x, o, groups):
     """Run per-channel ``layers`` on channel ``o`` alone: x (G*B, 1, H, W) -> (G*B, 1, H', W') or (G*B, 1)."""
     for layer in layers:
         if isinstance(layer, BatchNorm2d):
-            B = x.shape[0] // groups
-            g, b = layer.params["weight"][o:o + 1], layer.params["bias"][o:o + 1]
-            xp = get_array_module(x)
-            x = xp.concatenate([F.batch_norm2d(x[k * B:(k + 1) * B], g, b, eps=layer.eps)[0]
-                                for k in range(groups)])
+            x = _bn_groups(x, layer.params["weight"][o:o + 1], layer.params["bias"][o:o + 1], layer.eps, groups)
         elif isinstance(layer, Flatten):
             x = x.reshape(x.shape[0], -1)
         else:
