@@ -23,8 +23,8 @@ PRESETS = {
 
 # Defaults for a laptop CPU: small_mnist (4,568 weights), minibatch 1024 and the fast engine, so that a
 # round takes about a minute.
-LAPTOP = {"model": "small_mnist", "rounds": 10, "epochs": 10, "batch_size": None, "sigma_schedule": "linear",
-          "weight_decay": 0.0, "search_bn": True}
+LAPTOP = {"model": "small_mnist", "rounds": 10, "epochs": 10, "sigma_schedule": "linear", "weight_decay": 0.0,
+          "search_bn": True}
 
 
 class UsageError(Exception):

@@ -176,13 +176,14 @@ class Sequential:
             arrays[f"extra/{k}"] = np.asarray(v)
         atomic_savez(path, arrays)
 
-    def load(self, path):
+    def load(self, path, data=None):
         """Load what :meth:`save` wrote; returns the ``extra`` arrays as a dict.
 
+        ``data``: the file's arrays when the caller has already read them with :func:`read_npz`.
         Refuses files with pickled objects and files of another architecture with a
         ``CheckpointError`` that says what differs.
         """
-        data = read_npz(path)
+        data = read_npz(path) if data is None else data
         if str(data.get("__format__", "")) != FORMAT:
             raise CheckpointError(f"{path}: not an rso_np model file (no '__format__' = {FORMAT!r})")
         arch = json.loads(str(data["__arch__"]))

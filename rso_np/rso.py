@@ -168,6 +168,7 @@ class RSO:
         self.progress = progress
         self.trial_hook = trial_hook
         self.xp = get_array_module(x)
+        self._done, self._total = 0, self.num_trials()     # progress within a round
 
     @property
     def sigmas(self):
@@ -206,9 +207,9 @@ class RSO:
         return {"counts": counts, "choices": choices}
 
     def _tick(self, name):
-        self._done = getattr(self, "_done", 0) + 1
+        self._done += 1
         if self.progress is not None:
-            self.progress(self._done, getattr(self, "_total", self.num_trials()), name)
+            self.progress(self._done, self._total, name)
 
     def search_unit(self, unit, sigma, count=None):
         """Lines 6-10 for one searched array: its first ``count`` weights (all by default), in order.

@@ -127,7 +127,7 @@ class Trainer:
         sigmas = None
         if ckpt is not None:
             try:
-                self.model.load(self.out / CHECKPOINT)
+                self.model.load(self.out / CHECKPOINT, data=ckpt)
             except CheckpointError as exc:
                 raise CheckpointError(f"cannot resume: {exc}") from None
             self.rng = rng_from_json(str(ckpt["extra/rng_state"]))
@@ -154,8 +154,7 @@ class Trainer:
         return self.history[-1]["round"] if self.history else 0
 
     def _evaluate(self):
-        if any(type(layer).__name__ == "BatchNorm2d" for layer in self.model.layers):
-            self.model.estimate_population_stats(self.x_eval)
+        self.model.estimate_population_stats(self.x_eval)      # no-op without batch norm
         tl, ta = evaluate(self.model, self.x_eval, self.y_eval)
         vl, va = evaluate(self.model, self.x_test, self.y_test)
         return {"train_loss": tl, "train_acc": ta, "test_loss": vl, "test_acc": va}
