@@ -9,8 +9,12 @@ Each forward ``f(x, ...)`` has a ``f_backward(dout, ...)`` that returns the
 gradients of a scalar loss with respect to the inputs, given ``dout`` = dL/d(out).
 """
 
+import numpy as np
+
 from ._checks import check_float, check_ndim
 from .backend import get_array_module
+
+CONV_BLOCK_BYTES = 2 << 20     # conv2d on the CPU: the size of one block of the patch matrix (see conv2d)
 
 # --------------------------------------------------------------------------- helpers
 
@@ -43,17 +47,11 @@ def _as_strided(x, shape, strides):
     return xp.lib.stride_tricks.as_strided(x, shape=shape, strides=strides)
 
 
-def im2col(x, KH, KW, stride=1, padding=0):
-    """Unfold image patches into one contiguous matrix.
+def _patches(x, KH, KW, stride, padding):
+    """Every KH x KW patch of x, in place: a strided view (N, OH, OW, KH, KW*C), plus (OH, OW).
 
-    x: (N, C, H, W) float.  Returns ``col`` of shape (N*OH*OW, KH*KW*C), row
-    (n, oh, ow) holding the KH x KW x C patch that output pixel (oh, ow) of image
-    n sees, in (kh, kw, c) order, plus (OH, OW).
-
-    The image is first laid out as padded NHWC, so that for one kernel row kh the
-    KW*C numbers a patch needs are contiguous in memory. A strided view then
-    shows every patch in place, (N, OH, OW, KH, KW*C), without copying, and one
-    copy makes it the contiguous matrix that a single BLAS call multiplies.
+    The image is first laid out as padded NHWC, so that for one kernel row kh the KW*C numbers a patch
+    needs are contiguous in memory; the view then shows patch (n, oh, ow) without copying anything.
     """
     xp = get_array_module(x)
     N, C, H, W = x.shape
@@ -67,9 +65,20 @@ def im2col(x, KH, KW, stride=1, padding=0):
     xh[:, ph:ph + H, pw:pw + W, :] = x.transpose(0, 2, 3, 1)
     s = xh.strides
     # patches[n, oh, ow, kh, kw*C + c] = xh[n, oh*sh + kh, ow*sw + kw, c]
-    patches = _as_strided(xh, (N, OH, OW, KH, KW * C), (s[0], s[1] * sh, s[2] * sw, s[1], s[3]))
-    col = xp.ascontiguousarray(patches)
-    return col.reshape(N * OH * OW, KH * KW * C), (OH, OW)
+    return _as_strided(xh, (N, OH, OW, KH, KW * C), (s[0], s[1] * sh, s[2] * sw, s[1], s[3])), (OH, OW)
+
+
+def im2col(x, KH, KW, stride=1, padding=0):
+    """Unfold image patches into one contiguous matrix.
+
+    x: (N, C, H, W) float.  Returns ``col`` of shape (N*OH*OW, KH*KW*C), row
+    (n, oh, ow) holding the KH x KW x C patch that output pixel (oh, ow) of image
+    n sees, in (kh, kw, c) order, plus (OH, OW). One copy of the strided patch
+    view (see ``_patches``) makes the matrix that a single BLAS call multiplies.
+    """
+    patches, (OH, OW) = _patches(x, KH, KW, stride, padding)
+    col = get_array_module(x).ascontiguousarray(patches)
+    return col.reshape(-1, patches.shape[3] * patches.shape[4]), (OH, OW)
 
 
 def col2im(col, x_shape, KH, KW, stride=1, padding=0):
@@ -119,16 +128,29 @@ def conv2d(x, W, b=None, stride=1, padding=0):
     OH = (H + 2*padding - KH) // stride + 1.
 
     im2col turns the input into one (N*OH*OW, KH*KW*C_in) matrix; one matrix
-    product with the (KH*KW*C_in, C_out) weights gives every output at once.
+    product with the (KH*KW*C_in, C_out) weights gives every output at once
+    (done here a block of images at a time, which gives the same numbers).
     """
     _check_conv(x, W, b)
+    xp = get_array_module(x)
     N = x.shape[0]
     C_out, _, KH, KW = W.shape
-    col, (OH, OW) = im2col(x, KH, KW, stride, padding)
-    out = col @ _weight_matrix(W).T                      # (N*OH*OW, C_out)
+    patches, (OH, OW) = _patches(x, KH, KW, stride, padding)
+    Wm = xp.ascontiguousarray(_weight_matrix(W).T)         # (KH*KW*C_in, C_out)
+    out = xp.empty((N, OH, OW, C_out), dtype=x.dtype)
+    # The full im2col matrix is KH*KW times the input: writing it to memory and reading it back costs
+    # more than the product itself. On the CPU, a few images at a time keep their patch matrix in the
+    # cache (the results are the same); a GPU takes the whole batch in one product.
+    per_image = OH * OW * Wm.shape[0] * x.itemsize
+    block = N if xp is not np else max(1, CONV_BLOCK_BYTES // per_image)
+    buf = xp.empty((min(block, N),) + patches.shape[1:], dtype=x.dtype)     # one block of im2col
+    for s in range(0, N, block):
+        col = buf[:min(block, N - s)]
+        col[...] = patches[s:s + block]
+        xp.matmul(col.reshape(-1, Wm.shape[0]), Wm, out=out[s:s + block].reshape(-1, C_out))
     if b is not None:
         out += b
-    return out.reshape(N, OH, OW, C_out).transpose(0, 3, 1, 2)
+    return out.transpose(0, 3, 1, 2)
 
 
 def conv2d_naive(x, W, b=None, stride=1, padding=0):

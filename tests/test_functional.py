@@ -54,6 +54,18 @@ def test_conv2d_vs_naive_and_scipy(xp, case, bias, rng):
     assert rel_err(out, naive) < 1e-5
 
 
+@pytest.mark.parametrize("block_images", [1, 2, 3])
+def test_conv2d_in_blocks(block_images, rng, monkeypatch):
+    """On the CPU conv2d multiplies a few images at a time: every block, the last partial one included,
+    must match the oracle."""
+    x = rng.standard_normal((7, 3, 9, 8)).astype(np.float32)
+    W = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    per_image = 9 * 8 * 27 * 4                           # OH*OW*KH*KW*C_in float32 numbers
+    monkeypatch.setattr(F, "CONV_BLOCK_BYTES", block_images * per_image)
+    out = F.conv2d(x, W, None, 1, 1)
+    assert rel_err(out, conv_scipy(x, W, None, 1, 1)) < 1e-5
+
+
 def pool_loops(x, k, s, op):
     N, C, H, W = x.shape
     OH, OW = (H - k) // s + 1, (W - k) // s + 1
