@@ -5,7 +5,7 @@
 
 For every searched array of the model it times ``--trials`` trials of each engine, and estimates the
 seconds of a full round as the sum over layers of (weights x seconds per trial), plus, for the fast
-engine, the time to build each layer's prefix cache for the images a full layer pass uses. It prints one
+engine, the time to store the activations that a round's layer passes start from. It prints one
 JSON object with the per-layer figures, the estimated round for each engine and their ratio, all measured
 in the same run (absolute times on a shared CPU are noisy; the ratio is what to compare).
 
@@ -56,24 +56,18 @@ def time_engine(engine_cls, model_name, x, y, cfg, trials, xp, fast):
         k = min(trials, n)
         setup = 0.0
         if fast:
-            # the prefix cache of a full layer pass holds every image its n minibatches draw: build it once
-            # (timed as the layer's setup), then time the trials with it
-            rng = np.random.default_rng(1)
-            full = np.stack([rng.choice(x.shape[0], cfg.batch_size, replace=False) for _ in range(n)])
+            # the stored activations of a round (one forward pass over the training set, at the first
+            # layer searched; later layers find theirs stored): timed as the layer's setup
             t = time.perf_counter()
-            getter = eng._prefix_getter(unit.layer_index, full)
+            eng._store_inputs(unit.layer_index)
             synchronize(xp)
             setup = time.perf_counter() - t
-            del full
-            eng._prefix_getter = lambda d, idx_all, getter=getter: getter
         eng.search_unit(unit, unit.sigma, count=1)            # warm-up
         synchronize(xp)
         t = time.perf_counter()
         eng.search_unit(unit, unit.sigma, count=k)
         synchronize(xp)
         per_trial = (time.perf_counter() - t) / k
-        if fast:
-            del eng._prefix_getter                            # back to the class's method
         out[unit.name] = {"weights": n, "trials_timed": k, "s_per_trial": per_trial, "setup_s": setup}
     return out
 

@@ -243,10 +243,14 @@ def max_pool2d_backward(dout, x, kernel_size=2, stride=None):
 def avg_pool2d(x, kernel_size=2, stride=None):
     """Mean over KH x KW windows. x: (N, C, H, W) -> (N, C, OH, OW)."""
     KH, KW, sh, sw, OH, OW = _pool_geometry(x, kernel_size, stride)
-    out = get_array_module(x).zeros(x.shape[:2] + (OH, OW), dtype=x.dtype)
+    out = None
     for i in range(KH):
         for j in range(KW):
-            out += x[:, :, i:i + sh * OH:sh, j:j + sw * OW:sw]
+            s = x[:, :, i:i + sh * OH:sh, j:j + sw * OW:sw]
+            if out is None:
+                out = s.copy(order="K")   # in x's memory order (a conv's output is NHWC underneath)
+            else:
+                out += s
     out *= x.dtype.type(1.0 / (KH * KW))
     return out
 

@@ -3,11 +3,15 @@
 The literal engine pays three full forward passes of a minibatch for every weight. This one uses facts
 about the network that change no decision (see the paper notes, "Cost, and where the speed comes from"):
 
-1. Prefix cache. While layer d is searched, the layers before it do not change, so their output (the
-   input of layer d) is computed once per layer pass for every image the pass's minibatches use, and
-   gathered per trial. Skipped (computed per trial, once instead of three times) when it would exceed
-   ``cache_bytes`` or when a batch norm precedes layer d: in the search, batch norm uses the statistics
-   of the minibatch, so an image's activation depends on which other images share its minibatch.
+1. Stored activations. While layer d is searched, the layers before it do not change, so the input of
+   layer d is computed once for every training image and gathered per trial. One forward pass over the
+   training set stores the input of every searched layer (as many as ``cache_bytes`` allows, deepest
+   first); in the paper's order, last layer first, the later passes of the round find theirs stored. An
+   entry stays valid while the weights before its layer are those it was computed with. Where the input
+   of layer d is not stored, the trial starts from the deepest stored one before it. Nothing after a
+   batch norm is stored: in the search, batch norm uses the statistics of the minibatch, so an image's
+   activation there depends on which other images share its minibatch (it is computed per trial, on
+   the minibatch, as the literal engine does).
 2. Channel delta. W[o, c, ki, kj] += d changes only output channel o of a convolution, by d times one
    shifted slice of input channel c. ReLU, pooling and batch norm act per channel, so the change stays
    in channel o up to the next convolution (or dense layer), which then needs only its input channel o
@@ -16,7 +20,10 @@ about the network that change no decision (see the paper notes, "Cost, and where
    three losses follow without a forward pass.
 4. Batched candidates. W + dW and W - dW go through the remaining layers as one batch of 2B (batch norm
    keeping the statistics of each candidate's own B images).
-5. Decisions stay on the device: all draws of a layer are made up front on the host (the same calls, in
+5. Convolution + global average pooling, with nothing between (the last layers of the paper's network),
+   is a linear map of the 3x3 window sums of its input: mean(conv(x, W)) = W . windowsum(x) / (OH*OW).
+   The candidates pass through it with one small product instead of a convolution.
+6. Decisions stay on the device: all draws of a layer are made up front on the host (the same calls, in
    the same order, as the literal engine), the candidates, the choice and the weight update are device
    operations, so a GPU run does not wait for the host on every trial.
 
@@ -24,6 +31,8 @@ The three candidate values are rounded to float32 exactly as in ``rso.candidates
 their float32 difference from the current weight. Results agree with the literal engine up to float
 rounding, so only near-ties can be decided differently.
 """
+
+import os
 
 import numpy as np
 
@@ -45,13 +54,99 @@ def _bn_groups(x, gamma, beta, eps, groups):
                                             for k in range(groups)])
 
 
+def _tap_slice(k, stride, padding, out_size, in_size):
+    """The input rows (or columns) that kernel tap k sees over all output positions, padding dropped
+    (it is zero): rows i*stride + k - padding, i = 0 .. out_size-1, that lie inside the input."""
+    i0 = max(0, -((k - padding) // stride))                      # first i with i*stride + k - padding >= 0
+    i1 = min(out_size - 1, (in_size - 1 - k + padding) // stride)
+    return slice(i0 * stride + k - padding, i1 * stride + k - padding + 1, stride)
+
+
+def conv_global_avg(x, W, b=None, stride=1, padding=0):
+    """global_avg_pool2d(conv2d(x, W, b, stride, padding)) without the convolution: (N, C_out).
+
+    Both steps are linear, so together they are one dense layer on the flattened input: input pixel
+    (c, h, w) reaches output o through every tap (ki, kj) whose window covers it, with weight
+    W[o, c, ki, kj] / (OH*OW). The effective (C*H*W, C_out) matrix costs less than one image's convolution.
+    Same numbers up to float rounding.
+    """
+    xp = get_array_module(x)
+    C_out, C_in, KH, KW = W.shape
+    N, _, H, Wd = x.shape
+    OH, OW = F.conv_output_size(H, KH, stride, padding), F.conv_output_size(Wd, KW, stride, padding)
+    rows, cols = xp.zeros((H, KH), dtype=W.dtype), xp.zeros((Wd, KW), dtype=W.dtype)
+    for k in range(KH):
+        rows[_tap_slice(k, stride, padding, OH, H), k] = 1                # rows[h, ki]: tap ki sees row h
+    for k in range(KW):
+        cols[_tap_slice(k, stride, padding, OW, Wd), k] = 1
+    W_eff = xp.einsum("ocij,hi,wj->chwo", W, rows, cols) / (OH * OW)
+    out = x.reshape(N, -1) @ W_eff.reshape(-1, C_out)
+    return out + b if b is not None else out
+
+
+def conv_avg_pool(x, W, b=None, padding=0, pool=2, pool_stride=None):
+    """avg_pool2d(conv2d(x, W, b, 1, padding), pool, pool_stride) as one strided convolution.
+
+    Both steps are linear: output (i, j) averages the convolution at rows i*ps + a, columns j*ps + c
+    (a, c < pool), so it is one convolution of stride ps with the (KH + pool - 1) x (KW + pool - 1) kernel
+    W' = sum over (a, c) of W shifted by (a, c), / pool^2. For a 3x3 kernel and 2x2 pooling that is 16
+    taps per pooled output instead of 4 x 9, and no pooling pass. Same numbers up to float rounding.
+    """
+    xp = get_array_module(x)
+    ps = pool if pool_stride is None else pool_stride
+    C_out, C_in, KH, KW = W.shape
+    W2 = xp.zeros((C_out, C_in, KH + pool - 1, KW + pool - 1), dtype=W.dtype)
+    for a in range(pool):
+        for c in range(pool):
+            W2[:, :, a:a + KH, c:c + KW] += W
+    return F.conv2d(x, W2 * W.dtype.type(1.0 / (pool * pool)), b, ps, padding)
+
+
+def _folded_pool(layers, i):
+    """The linear pooling right after conv layers[i] that ``conv_block`` folds into it, or None."""
+    if not isinstance(layers[i], Conv2d) or i + 1 >= len(layers):
+        return None
+    nxt = layers[i + 1]
+    if isinstance(nxt, GlobalAvgPool2d) or (isinstance(nxt, AvgPool2d) and layers[i].stride == 1):
+        return nxt
+    return None
+
+
+def block_size(layers, i):
+    """How many layers ``conv_block(layers, i, ...)`` covers: 2 with a folded pooling, else 1."""
+    return 1 if _folded_pool(layers, i) is None else 2
+
+
+def conv_block(layers, i, x, in_channels=None):
+    """Conv layers[i] with the average pooling right after it folded in (``conv_global_avg``,
+    ``conv_avg_pool``) applied to x. ``in_channels``: only that slice of the input channels (no bias),
+    for a change that lives in those channels."""
+    conv, pool = layers[i], _folded_pool(layers, i)
+    W, b = conv.params["weight"], conv.params.get("bias")
+    if in_channels is not None:
+        W, b = W[:, in_channels], None
+    if isinstance(pool, GlobalAvgPool2d):
+        return conv_global_avg(x, W, b, conv.stride, conv.padding)
+    if isinstance(pool, AvgPool2d):
+        return conv_avg_pool(x, W, b, conv.padding, pool.kernel_size, pool.stride)
+    return F.conv2d(x, W, b, conv.stride, conv.padding)
+
+
 def forward_grouped(layers, x, groups=1):
-    """Run ``layers`` on a batch made of ``groups`` minibatches stacked along N."""
-    for layer in layers:
+    """Run ``layers`` on a batch made of ``groups`` minibatches stacked along N (batch norm keeps each
+    minibatch's own statistics); a conv and the average pooling after it run as one ``conv_block``."""
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        if isinstance(layer, Conv2d):
+            x = conv_block(layers, i, x)
+            i += block_size(layers, i)
+            continue
         if isinstance(layer, BatchNorm2d) and groups > 1:
             x = _bn_groups(x, layer.params["weight"], layer.params["bias"], layer.eps, groups)
         else:
             x = layer.forward(x)
+        i += 1
     return x
 
 
@@ -81,16 +176,43 @@ def choose_device(f):
     return xp.where(f[KEEP] == best, KEEP, xp.where(f[PLUS] == best, PLUS, MINUS))
 
 
+def _empty_like_activation(xp, shape, dtype):
+    """An empty (N, C, H, W) array stored channels-last in memory, the order in which conv2d reads its
+    input and writes its output (2-d shapes: plain)."""
+    if len(shape) != 4:
+        return xp.empty(shape, dtype=dtype)
+    N, C, H, W = shape
+    return xp.empty((N, H, W, C), dtype=dtype).transpose(0, 3, 1, 2)
+
+
+def default_cache_bytes(xp):
+    """Room for stored activations: a quarter of the memory the arrays live in (RAM, or the GPU's),
+    at most 8 GiB. For paper_mnist() on the 60,000 MNIST images every layer's input takes 4.9 GB; with
+    less room the first layers' inputs are recomputed per trial (same results, slower)."""
+    if xp is np:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):        # no sysconf (Windows): assume 8 GiB
+            total = 8 << 30
+    else:
+        total = xp.cuda.runtime.memGetInfo()[1]
+    return min(8 << 30, total // 4)
+
+
 class FastRSO(RSO):
     """Drop-in replacement for ``rso.RSO`` (same arguments, same decisions); ``trial_hook`` is not called.
 
-    ``cache_bytes`` bounds the prefix cache (default 2 GiB).
+    ``cache_bytes`` bounds the stored activations (default: ``default_cache_bytes``).
     """
 
-    def __init__(self, *args, cache_bytes=2 << 30, **kwargs):
+    def __init__(self, *args, cache_bytes=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.cache_bytes = int(cache_bytes)
+        self.cache_bytes = default_cache_bytes(self.xp) if cache_bytes is None else int(cache_bytes)
         self.layers = self.model.layers
+        # where activations may be stored: inputs of searched layers with no batch norm before them
+        first_bn = next((i for i, l in enumerate(self.layers) if isinstance(l, BatchNorm2d)), len(self.layers))
+        self._points = sorted({u.layer_index for u in self.units if 0 < u.layer_index <= first_bn})
+        self._store = {}                 # layer index -> (weights before it when computed, its input)
 
     # ----------------------------------------------------------------------------------- planning
     def _mixing_after(self, d):
@@ -102,25 +224,57 @@ class FastRSO(RSO):
                 return None
         return len(self.layers)          # nothing mixes channels any more (the output itself)
 
-    def _prefix_getter(self, d, idx_all):
-        """A function j -> input of layer d for trial j's minibatch (B, ...), cached where exact."""
+    def _weights_before(self, k):
+        return [p for layer in self.layers[:k] for p in layer.params.values()]
+
+    def _valid(self, k):
+        """The stored input of layer k, if the weights before layer k are still those it was made with."""
+        entry = self._store.get(k)
+        if entry is None:
+            return None
+        snapshot, acts = entry
+        now = self._weights_before(k)
+        if len(now) == len(snapshot) and all(bool(self.xp.array_equal(a, b)) for a, b in zip(now, snapshot)):
+            return acts
+        del self._store[k]
+        return None
+
+    def _store_inputs(self, d):
+        """Make sure the inputs of layer d (and of the searched layers before it, deepest first, as far as
+        ``cache_bytes`` allows) are stored for every training image; returns (k, acts): the deepest stored
+        layer k <= d and its input (k = 0: the training images themselves)."""
         xp, x = self.xp, self.x
-        if d == 0:
-            return lambda rows: x[rows]
-        prefix_bn = any(isinstance(l, BatchNorm2d) for l in self.layers[:d])
-        if not prefix_bn:
-            uniq = np.unique(idx_all)
-            probe = self.model.forward(x[:1], check=False, stop=d)
-            need = uniq.size * probe.size * probe.dtype.itemsize
-            if need <= self.cache_bytes:
-                cache = xp.empty((uniq.size,) + probe.shape[1:], dtype=probe.dtype)
-                for s in range(0, uniq.size, 1024):
-                    rows = xp.asarray(uniq[s:s + 1024])
-                    cache[s:s + 1024] = self.model.forward(x[rows], check=False, stop=d)
-                where = xp.full(x.shape[0], -1, dtype=xp.int64)
-                where[xp.asarray(uniq)] = xp.arange(uniq.size)
-                return lambda rows: cache[where[rows]]
-        return lambda rows: self.model.forward(x[rows], check=False, stop=d)
+        for k in list(self._store):
+            self._valid(k)                                   # drop what the search has made stale
+        points = [k for k in sorted(self._points, reverse=True) if k <= d]
+        k0 = next((k for k in points if k in self._store), 0)
+        src = self._store[k0][1] if k0 else x
+        want, used = {}, sum(a.nbytes for _, a in self._store.values())
+        for k in (k for k in points if k > k0):
+            probe = self.model.forward(x[:1], check=False, stop=k)
+            need = x.shape[0] * probe.size * probe.dtype.itemsize
+            if used + need <= self.cache_bytes:
+                want[k] = _empty_like_activation(xp, (x.shape[0],) + probe.shape[1:], probe.dtype)
+                used += need
+        if want:
+            stops = sorted(want)
+            for s in range(0, x.shape[0], 1024):             # one forward pass, a chunk of images at a time
+                a, k = src[s:s + 1024], k0
+                for stop in stops:
+                    a, k = forward_grouped(self.layers[k:stop], a), stop
+                    want[stop][s:s + 1024] = a
+            for k, acts in want.items():
+                self._store[k] = ([p.copy() for p in self._weights_before(k)], acts)
+        k = max([k0, *want])
+        return k, (self._store[k][1] if k else x)
+
+    def _prefix_getter(self, d):
+        """A function rows -> input of layer d for a minibatch (B, ...): gathered from the stored input
+        of layer d, or computed on the minibatch from the deepest stored layer before it."""
+        k, acts = self._store_inputs(d)
+        if k == d:
+            return lambda rows: acts[rows]
+        return lambda rows: forward_grouped(self.layers[k:d], acts[rows])
 
     # ----------------------------------------------------------------------------------- one layer
     def search_unit(self, unit, sigma, count=None):
@@ -133,7 +287,7 @@ class FastRSO(RSO):
         dws = np.empty(n)
         for j in range(n):
             idx_all[j], dws[j] = self.draw(sigma)
-        trial = self._trial_fn(unit, idx_all)
+        trial = self._trial_fn(unit)
         idx_dev, dws_dev = xp.asarray(idx_all), xp.asarray(dws)
         wd = cfg.weight_decay if unit.decay else 0.0
         picked = xp.empty(n, dtype=xp.int8)
@@ -149,11 +303,11 @@ class FastRSO(RSO):
             self._tick(unit.name)
         return picked if xp is np else picked.get()
 
-    def _trial_fn(self, unit, idx_all):
+    def _trial_fn(self, unit):
         """The function that evaluates (F(W+dW), F(W), F(W-dW)) for one trial of ``unit``."""
         d = unit.layer_index
         layer = self.layers[d]
-        get_h = self._prefix_getter(d, idx_all)
+        get_h = self._prefix_getter(d)
         pname = unit.name.rsplit(".", 1)[1]
         if isinstance(layer, Dense) and d == len(self.layers) - 1:
             return self._dense_last(unit, layer, pname, get_h)
@@ -208,25 +362,30 @@ class FastRSO(RSO):
         xp = self.xp
         layers = self.layers
         layer = layers[d]
-        between = layers[d + 1:m]
+        is_conv = isinstance(layer, Conv2d)
+        pool = _folded_pool(layers, d)                     # folded into layer d's conv_block, if any
+        between = layers[d + block_size(layers, d):m]
         mix = layers[m] if m < len(layers) else None
-        after = layers[m + 1:]
+        after = layers[m + (block_size(layers, m) if isinstance(mix, Conv2d) else 1):]
         shape = unit.array.shape
-        is_conv_w = isinstance(layer, Conv2d) and pname == "weight"
 
         def trial(j, rows, w0, wp, wm):
             h = get_h(rows)
             B = h.shape[0]
-            z = layer.forward(h)                           # layer d with W[j] = w0: (B, C, OH, OW)
-            if is_conv_w:
+            # layer d with W[j] = w0 (and the pooling folded into it): (B, C, OH, OW)
+            z = conv_block(layers, d, h) if is_conv else layer.forward(h)
+            if is_conv and pname == "weight":
                 o, c, ki, kj = np.unravel_index(j, shape)
                 s, p = layer.stride, layer.padding
-                OH, OW = z.shape[2:]
+                OH = F.conv_output_size(h.shape[2], layer.kernel_size, s, p)
+                OW = F.conv_output_size(h.shape[3], layer.kernel_size, s, p)
                 hc = h[:, c]
                 if p:
                     hc = xp.pad(hc, ((0, 0), (p, p), (p, p)))
                 piece = hc[:, ki:ki + s * OH:s, kj:kj + s * OW:s]
-            elif isinstance(layer, Conv2d):                # conv bias b[o]
+                if pool is not None:                       # the folded pooling is linear: pool the piece
+                    piece = pool.forward(piece[:, None])[:, 0]     # (B, OH', OW'), or (B,) if global
+            elif is_conv:                                  # conv bias b[o]
                 o, piece = j, xp.ones(z.shape[:1] + z.shape[2:], dtype=z.dtype)
             elif pname == "weight":                        # batch-norm scale gamma[o]: moves xhat[:, o]
                 o, piece = j, layer._cache[0][:, j]
@@ -234,7 +393,7 @@ class FastRSO(RSO):
                 o, piece = j, xp.ones(z.shape[:1] + z.shape[2:], dtype=z.dtype)
             # the unperturbed network up to the next mixing layer
             a = forward_grouped(between, z, 1)
-            y = mix.forward(a) if mix is not None else a
+            y = a if mix is None else conv_block(layers, m, a) if isinstance(mix, Conv2d) else mix.forward(a)
             # channel o of W + dW, W and W - dW through the per-channel layers, all three by one route so
             # that their differences are exact: a change that vanishes (ReLU) gives a zero difference
             zo = z[:, o]
@@ -253,7 +412,7 @@ class FastRSO(RSO):
                 yc[2 * B:, cols] += da[B:]
             else:
                 if isinstance(mix, Conv2d):
-                    dy = F.conv2d(da, mix.params["weight"][:, o:o + 1], None, mix.stride, mix.padding)
+                    dy = conv_block(layers, m, da, slice(o, o + 1))
                 else:                                      # dense after flatten / global pooling
                     dy = da @ mix.params["weight"][:, cols].T
                 yc = xp.concatenate([y + dy[:B], y, y + dy[B:]])

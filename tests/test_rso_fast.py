@@ -9,7 +9,7 @@ The losses the fast engine computes through its shortcuts must match the literal
 import numpy as np
 import pytest
 
-from rso_np import rso_fast
+from rso_np import functional as F, rso_fast
 from rso_np.backend import to_numpy
 from rso_np.models import paper_mnist, small_mnist
 from rso_np.rso import RSO, RSOConfig
@@ -118,3 +118,45 @@ def test_prefix_cache_fallback_is_exact():
 def test_fast_matches_literal_full_paper_mnist(monkeypatch, bn):
     compare(np, lambda: paper_mnist(batch_norm=bn), 14, n=200, batch=8, monkeypatch=monkeypatch,
             weight_decay=1e-4 if bn else 0.0)
+
+
+@pytest.mark.parametrize("shape,k,stride,padding", [
+    ((5, 3, 7, 7), 3, 1, 1), ((4, 2, 9, 8), 3, 2, 1), ((3, 2, 10, 11), 5, 3, 2), ((2, 2, 6, 7), 2, 1, 0)])
+def test_conv_global_avg_vs_loops(shape, k, stride, padding):
+    """Convolution + global average pooling folded into one product, against the plain-loop convolution."""
+    rng = np.random.default_rng(0)
+    x, W, b = rng.standard_normal(shape), rng.standard_normal((4, shape[1], k, k)), rng.standard_normal(4)
+    ref = F.conv2d_naive(x, W, b, stride, padding).mean(axis=(2, 3))
+    assert np.abs(rso_fast.conv_global_avg(x, W, b, stride, padding) - ref).max() < 1e-12
+
+
+@pytest.mark.parametrize("shape,k,padding,pool,pool_stride", [
+    ((3, 4, 14, 14), 3, 1, 2, None), ((2, 3, 9, 11), 3, 1, 2, None), ((2, 2, 10, 9), 3, 0, 3, 2),
+    ((2, 2, 8, 8), 5, 2, 2, 1)])
+def test_conv_avg_pool_vs_loops(shape, k, padding, pool, pool_stride):
+    """Convolution + average pooling as one strided convolution, against plain loops for both steps."""
+    rng = np.random.default_rng(1)
+    x, W, b = rng.standard_normal(shape), rng.standard_normal((3, shape[1], k, k)), rng.standard_normal(3)
+    conv = F.conv2d_naive(x, W, b, 1, padding)
+    ps = pool if pool_stride is None else pool_stride
+    OH, OW = (conv.shape[2] - pool) // ps + 1, (conv.shape[3] - pool) // ps + 1
+    ref = np.array([[[[conv[n, o, i * ps:i * ps + pool, j * ps:j * ps + pool].mean() for j in range(OW)]
+                      for i in range(OH)] for o in range(3)] for n in range(shape[0])])
+    out = rso_fast.conv_avg_pool(x, W, b, padding, pool, pool_stride)
+    assert out.shape == ref.shape and np.abs(out - ref).max() < 1e-12
+
+
+def test_stored_activations_follow_the_weights():
+    """A stored layer input is used only while the weights before that layer are unchanged."""
+    x, y = data(np, 300, 14)
+    model = paper_mnist(channels=4)
+    eng = FastRSO(model, x, y, RSOConfig(batch_size=16), np.random.default_rng(1))
+    d = model.names.index("conv4")
+    k, acts = eng._store_inputs(d)
+    assert k == d and np.allclose(acts, model.forward(x, stop=d), rtol=1e-5, atol=1e-6)
+    assert eng._store_inputs(d)[1] is acts                        # reused while nothing changed
+    model.layers[model.names.index("conv5")].params["weight"][0, 0, 0, 0] += 1.0
+    assert eng._store_inputs(d)[1] is acts                        # a later layer does not matter
+    model.layers[0].params["weight"][0, 0, 0, 0] += 1.0
+    k, fresh = eng._store_inputs(d)
+    assert fresh is not acts and np.allclose(fresh, model.forward(x, stop=d), rtol=1e-5, atol=1e-6)
