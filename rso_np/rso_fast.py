@@ -38,7 +38,16 @@ import numpy as np
 
 from . import functional as F
 from .backend import get_array_module
-from .layers import AvgPool2d, BatchNorm2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, MaxPool2d, ReLU
+from .layers import (
+    AvgPool2d,
+    BatchNorm2d,
+    Conv2d,
+    Dense,
+    Flatten,
+    GlobalAvgPool2d,
+    MaxPool2d,
+    ReLU,
+)
 from .losses import per_sample_cross_entropy
 from .rso import KEEP, MINUS, PLUS, RSO
 
@@ -71,7 +80,7 @@ def conv_global_avg(x, W, b=None, stride=1, padding=0):
     Same numbers up to float rounding.
     """
     xp = get_array_module(x)
-    C_out, C_in, KH, KW = W.shape
+    C_out, _, KH, KW = W.shape
     N, _, H, Wd = x.shape
     OH, OW = F.conv_output_size(H, KH, stride, padding), F.conv_output_size(Wd, KW, stride, padding)
     rows, cols = xp.zeros((H, KH), dtype=W.dtype), xp.zeros((Wd, KW), dtype=W.dtype)

@@ -9,7 +9,8 @@ The losses the fast engine computes through its shortcuts must match the literal
 import numpy as np
 import pytest
 
-from rso_np import functional as F, rso_fast
+from rso_np import functional as F
+from rso_np import rso_fast
 from rso_np.backend import to_numpy
 from rso_np.models import paper_mnist, small_mnist
 from rso_np.rso import RSO, RSOConfig
