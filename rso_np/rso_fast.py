@@ -424,7 +424,10 @@ class FastRSO(RSO):
                     dy = conv_block(layers, m, da, slice(o, o + 1))
                 else:                                      # dense after flatten / global pooling
                     dy = da @ mix.params["weight"][:, cols].T
-                yc = xp.concatenate([y + dy[:B], y, y + dy[B:]])
+                yc = _empty_like_activation(xp, (3 * B,) + y.shape[1:], y.dtype)
+                xp.add(y, dy[:B], out=yc[:B])
+                yc[B:2 * B] = y
+                xp.add(y, dy[B:], out=yc[2 * B:])
             # W + dW, W and W - dW through the remaining layers as one batch of 3B
             f = self._losses(forward_grouped(after, yc, 3), rows, 3)
             # a candidate whose change vanished before the next mixing layer (a channel that ReLU zeroes,
