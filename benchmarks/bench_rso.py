@@ -7,7 +7,8 @@ For every searched array of the model it times ``--trials`` trials of each engin
 seconds of a full round as the sum over layers of (weights x seconds per trial), plus, for the fast
 engine, the time to store the activations that a round's layer passes start from. It prints one
 JSON object with the per-layer figures, the estimated round for each engine and their ratio, all measured
-in the same run (absolute times on a shared CPU are noisy; the ratio is what to compare).
+in the same run, layer by layer with the engines in turn (absolute times on a shared CPU are noisy; the
+ratio is what to compare).
 
 ``--torch`` also times the straightforward PyTorch version of the same algorithm on the same network and
 minibatches (three ``model(x)`` calls per weight under ``no_grad``); it is skipped with a message where
@@ -46,12 +47,15 @@ def training_images(data_dir):
             "random images")
 
 
-def time_engine(engine_cls, model_name, x, y, cfg, trials, xp, fast):
+def engine_timer(engine_cls, model_name, x, y, cfg, xp):
+    """A function (unit index, trials) -> timings of one layer for an rso_np engine."""
+    fast = engine_cls is FastRSO
     model = build_model(model_name, seed=0).to(xp)
     eng = engine_cls(model, xp.asarray(x), xp.asarray(y), cfg, np.random.default_rng(0), rounds=1)
     model.train()
-    out = {}
-    for unit in eng.units:
+
+    def time_layer(i, trials):
+        unit = eng.units[i]
         n = int(unit.array.size)
         k = min(trials, n)
         setup = 0.0
@@ -68,8 +72,8 @@ def time_engine(engine_cls, model_name, x, y, cfg, trials, xp, fast):
         eng.search_unit(unit, unit.sigma, count=k)
         synchronize(xp)
         per_trial = (time.perf_counter() - t) / k
-        out[unit.name] = {"weights": n, "trials_timed": k, "s_per_trial": per_trial, "setup_s": setup}
-    return out
+        return {"weights": n, "trials_timed": k, "s_per_trial": per_trial, "setup_s": setup}
+    return time_layer, [u.name for u in eng.units]
 
 
 # ------------------------------------------------------------------------------------------ PyTorch
@@ -108,8 +112,9 @@ def torch_model(model):
     return net
 
 
-def time_torch(model_name, x, y, cfg, trials):
-    """The obvious PyTorch implementation: mutate one weight, three model(x) calls, keep the best."""
+def torch_timer(model_name, x, y, cfg):
+    """The obvious PyTorch implementation, timed one layer at a time like ``engine_timer``: mutate one
+    weight, three model(x) calls under no_grad, keep the best."""
     import torch
     import torch.nn.functional as tF
     model = build_model(model_name, seed=0)
@@ -119,31 +124,30 @@ def time_torch(model_name, x, y, cfg, trials):
     params = dict(net.named_parameters())
     names = {f"{model.names[int(k.split('.')[0])]}.{k.split('.')[1]}": k for k in params}
     units = RSO(model, x[:cfg.batch_size], y[:cfg.batch_size], cfg, rng).units
-    out = {}
-    with torch.no_grad():
-        for unit in units:
-            p = params[names[unit.name]].view(-1)
-            n = p.numel()
-            k = min(trials, n)
 
-            def trial(j):
-                idx = torch.from_numpy(rng.choice(X.shape[0], cfg.batch_size, replace=False))
-                xb, yb = X[idx], Y[idx]
-                dw = float(rng.normal(0.0, unit.sigma))
-                w = float(p[j])
-                losses = []
-                for v in (w + dw, w, w - dw):
-                    p[j] = v
-                    losses.append(float(tF.cross_entropy(net(xb).double(), yb, reduction="sum")))
-                p[j] = (w + dw, w, w - dw)[int(np.argmin(losses))]
+    def trial(p, sigma, j):
+        idx = torch.from_numpy(rng.choice(X.shape[0], cfg.batch_size, replace=False))
+        xb, yb = X[idx], Y[idx]
+        dw = float(rng.normal(0.0, sigma))
+        w = float(p[j])
+        losses = []
+        for v in (w + dw, w, w - dw):
+            p[j] = v
+            losses.append(float(tF.cross_entropy(net(xb).double(), yb, reduction="sum")))
+        p[j] = (w + dw, w, w - dw)[int(np.argmin(losses))]
 
-            trial(0)
+    def time_layer(i, trials):
+        unit = units[i]
+        p = params[names[unit.name]].view(-1)
+        n = p.numel()
+        k = min(trials, n)
+        with torch.no_grad():
+            trial(p, unit.sigma, 0)
             t = time.perf_counter()
             for j in range(k):
-                trial(j)
-            out[unit.name] = {"weights": n, "trials_timed": k, "s_per_trial": (time.perf_counter() - t) / k,
-                              "setup_s": 0.0}
-    return out
+                trial(p, unit.sigma, j)
+        return {"weights": n, "trials_timed": k, "s_per_trial": (time.perf_counter() - t) / k, "setup_s": 0.0}
+    return time_layer
 
 
 def round_seconds(layers):
@@ -173,24 +177,30 @@ def main(argv=None):
         import cupy
         res["gpu"] = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
         res["cupy"] = cupy.__version__
+    timers, units = {}, None
     for name in args.engines.split(","):
         if name not in ("literal", "fast"):
             ap.error(f"unknown engine {name!r} in --engines")
-        print(f"timing the {name} engine ...", file=sys.stderr, flush=True)
-        layers = time_engine(FastRSO if name == "fast" else RSO, args.model, x, y, cfg, args.trials, xp,
-                             name == "fast")
-        res["engines"][name] = {"layers": layers, "round_s": round_seconds(layers)}
+        timers[name], units = engine_timer(FastRSO if name == "fast" else RSO, args.model, x, y, cfg, xp)
     if args.torch:
         try:
             import torch
             torch.set_num_threads(os.cpu_count())
-            print("timing the PyTorch version ...", file=sys.stderr, flush=True)
-            layers = time_torch(args.model, x, y, cfg, args.trials)
-            res["engines"]["torch"] = {"layers": layers, "round_s": round_seconds(layers),
-                                       "version": torch.__version__, "threads": torch.get_num_threads()}
+            timers["torch"] = torch_timer(args.model, x, y, cfg)
+            res["torch"] = {"version": torch.__version__, "threads": torch.get_num_threads()}
         except ImportError:
             print("--torch: PyTorch is not installed; skipping the PyTorch comparison", file=sys.stderr)
             res["torch_skipped"] = "PyTorch not installed"
+    if units is None:
+        units = [u.name for u in RSO(build_model(args.model), x[:cfg.batch_size], y[:cfg.batch_size], cfg).units]
+    # layer by layer, every engine in turn: a slow spell of a shared machine then hits all of them alike
+    layers = {name: {} for name in timers}
+    for i, unit in enumerate(units):
+        for name, time_layer in timers.items():
+            print(f"timing {unit} with {name} ...", file=sys.stderr, flush=True)
+            layers[name][unit] = time_layer(i, args.trials)
+    for name in timers:
+        res["engines"][name] = {"layers": layers[name], "round_s": round_seconds(layers[name])}
     rounds = {k: v["round_s"] for k, v in res["engines"].items()}
     res["round_s"] = rounds
     if "fast" in rounds:
