@@ -140,23 +140,33 @@ def run_config(args):
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr, redrawn at most every 0.2 s."""
+    """Progress inside a round, on stderr. On a terminal: a one-line bar redrawn at most every 0.2 s.
+    Otherwise (a run in the background, logged to a file): one plain line every ``log_every`` seconds."""
 
-    def __init__(self, stream=sys.stderr, width=30):
+    def __init__(self, stream=sys.stderr, width=30, log_every=60.0):
         self.stream, self.width = stream, width
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.interval = 0.2 if self.tty else float(log_every)
         self.start, self.last = None, 0.0
 
     def __call__(self, done, total, what):
         now = time.perf_counter()
         if self.start is None or done == 1:
             self.start = now
-        if done < total and now - self.last < 0.2:
+            if not self.tty:
+                self.last = now
+        if done < total and now - self.last < self.interval:
             return
         self.last = now
-        frac = done / total
         rate = done / max(now - self.start, 1e-9)
         eta = (total - done) / rate if rate > 0 else 0
-        bar = "#" * int(frac * self.width)
+        if not self.tty:
+            if done < total:
+                self.stream.write(f"  {done}/{total} trials ({done / total:.0%}), {what}, {rate:.1f}/s, "
+                                  f"eta {eta:.0f}s\n")
+                self.stream.flush()
+            return
+        bar = "#" * int(done / total * self.width)
         end = "\n" if done == total else ""
         self.stream.write(f"\r  [{bar:<{self.width}}] {done}/{total} {what:<14} {rate:7.1f}/s  eta {eta:6.0f}s{end}"
                           if done < total else f"\r{' ' * (self.width + 60)}\r")
@@ -169,7 +179,7 @@ def cmd_train(args):
         raise UsageError(f"{PROG} train: error: --resume needs --out DIR (the run folder to continue)")
     cfg = run_config(args)
     out = args.out or str(Path("runs") / f"{cfg.optimizer}-{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}")
-    show = not args.no_progress and sys.stderr.isatty()
+    show = not args.no_progress
     trainer = Trainer(cfg, out, device=args.device, data_dir=args.data_dir, resume=args.resume,
                       log=lambda s: print(s, flush=True), progress=ProgressBar() if show else None)
     c = trainer.config

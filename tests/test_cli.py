@@ -206,7 +206,11 @@ def test_plot_bad_run_folder(capsys, tmp_path):
 def test_progress_bar_draws_and_clears():
     import io
     from rso_np.cli import ProgressBar
-    buf = io.StringIO()
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    buf = Terminal()
     bar = ProgressBar(stream=buf, width=10)
     bar(1, 4, "fc.weight")
     bar(2, 4, "fc.weight")          # within 0.2 s of the last draw: skipped
@@ -214,3 +218,19 @@ def test_progress_bar_draws_and_clears():
     text = buf.getvalue()
     assert "1/4 fc.weight" in text and "2/4" not in text
     assert text.endswith("\r")
+
+
+def test_progress_lines_in_a_log(monkeypatch):
+    """Written to a file (a background run), progress is a plain line now and then, never a bar."""
+    import io
+    from rso_np import cli
+    clock = iter([0.0, 10.0, 61.0, 62.0, 200.0])
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: next(clock))
+    buf = io.StringIO()
+    bar = cli.ProgressBar(stream=buf, log_every=60)
+    for done in (1, 2, 3, 4):
+        bar(done, 10, "conv2.weight")
+    bar(10, 10, "conv1.weight")
+    lines = buf.getvalue().splitlines()
+    assert lines == ["  3/10 trials (30%), conv2.weight, 0.0/s, eta 142s"], buf.getvalue()
+    assert "\r" not in buf.getvalue()
