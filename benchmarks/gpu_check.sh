@@ -64,7 +64,7 @@ RUN="$OUT/paper-run"
 if [ $GPU = 1 ]; then
   RESUME=""
   [ -f "$RUN/checkpoint.npz" ] && RESUME="--resume"
-  timeout 240 $PY -m rso_np train --preset paper --device gpu --data-dir "$DATA" --out "$RUN" $RESUME --no-progress
+  timeout 240 $PY -m rso_np train --preset paper --device gpu --data-dir "$DATA" --out "$RUN" $RESUME
   echo "(a stop by the time limit keeps the last finished round in $RUN/checkpoint.npz)"
 else
   echo "skipped: no GPU (would run: $PY -m rso_np train --preset paper --device gpu --data-dir $DATA --out $RUN)"
