@@ -18,11 +18,11 @@ about the network that change no decision (see the paper notes, "Cost, and where
    for the candidates: ``y + conv(delta_o, W_next[:, o:o+1])``.
 3. Dense shortcut. For the last (dense) layer, W[i, j] += d changes only logit i, by d * h[:, j]; the
    three losses follow without a forward pass.
-4. Batched candidates. W + dW and W - dW go through the remaining layers as one batch of 2B (batch norm
-   keeping the statistics of each candidate's own B images).
-5. Convolution + global average pooling, with nothing between (the last layers of the paper's network),
-   is a linear map of the 3x3 window sums of its input: mean(conv(x, W)) = W . windowsum(x) / (OH*OW).
-   The candidates pass through it with one small product instead of a convolution.
+4. Batched candidates. W + dW, W and W - dW go through the remaining layers as one batch of 3B (batch
+   norm keeping the statistics of each candidate's own B images).
+5. Folding. Average pooling is linear, so a convolution followed by it is one convolution: a 2x2 average
+   of 3x3 convolutions is a 4x4 convolution of stride 2 (16 multiply-adds per output instead of 36, no
+   pooling pass), and a convolution followed by global average pooling is one dense layer.
 6. Decisions stay on the device: all draws of a layer are made up front on the host (the same calls, in
    the same order, as the literal engine), the candidates, the choice and the weight update are device
    operations, so a GPU run does not wait for the host on every trial.
