@@ -236,25 +236,20 @@ class FastRSO(RSO):
     def _weights_before(self, k):
         return [p for layer in self.layers[:k] for p in layer.params.values()]
 
-    def _valid(self, k):
-        """The stored input of layer k, if the weights before layer k are still those it was made with."""
-        entry = self._store.get(k)
-        if entry is None:
-            return None
-        snapshot, acts = entry
-        now = self._weights_before(k)
-        if len(now) == len(snapshot) and all(bool(self.xp.array_equal(a, b)) for a, b in zip(now, snapshot)):
-            return acts
-        del self._store[k]
-        return None
+    def _drop_stale(self):
+        """Forget every stored input whose layer has a weight before it that differs from the snapshot
+        taken when the input was computed."""
+        for k, (snapshot, _) in list(self._store.items()):
+            now = self._weights_before(k)
+            if len(now) != len(snapshot) or not all(bool(self.xp.array_equal(a, b)) for a, b in zip(now, snapshot)):
+                del self._store[k]
 
     def _store_inputs(self, d):
         """Make sure the inputs of layer d (and of the searched layers before it, deepest first, as far as
         ``cache_bytes`` allows) are stored for every training image; returns (k, acts): the deepest stored
         layer k <= d and its input (k = 0: the training images themselves)."""
         xp, x = self.xp, self.x
-        for k in list(self._store):
-            self._valid(k)                                   # drop what the search has made stale
+        self._drop_stale()
         points = [k for k in sorted(self._points, reverse=True) if k <= d]
         k0 = next((k for k in points if k in self._store), 0)
         src = self._store[k0][1] if k0 else x
