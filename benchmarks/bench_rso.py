@@ -29,6 +29,7 @@ import time
 import numpy as np
 
 from rso_np.backend import get_xp, synchronize, to_numpy
+from rso_np.functional import parallel_cpu
 from rso_np.layers import AvgPool2d, BatchNorm2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, MaxPool2d, ReLU
 from rso_np.models import build_model
 from rso_np.rso import RSO, RSOConfig
@@ -55,6 +56,10 @@ def engine_timer(engine_cls, model_name, x, y, cfg, xp):
     model.train()
 
     def time_layer(i, trials):
+        with parallel_cpu():                                   # as RSO.run_round searches a layer
+            return _time_layer(i, trials)
+
+    def _time_layer(i, trials):
         unit = eng.units[i]
         n = int(unit.array.size)
         k = min(trials, n)

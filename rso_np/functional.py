@@ -9,12 +9,18 @@ Each forward ``f(x, ...)`` has a ``f_backward(dout, ...)`` that returns the
 gradients of a scalar loss with respect to the inputs, given ``dout`` = dL/d(out).
 """
 
+import contextlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from ._checks import check_float, check_ndim
 from .backend import get_array_module
 
-CONV_BLOCK_BYTES = 2 << 20     # conv2d on the CPU: the size of one block of the patch matrix (see conv2d)
+CONV_BLOCK_BYTES = 1 << 19     # conv2d on the CPU: the size of one block of the patch matrix (see conv2d)
+CONV_THREADS = None            # conv2d on the CPU: threads sharing the images; None: one per usable core
 
 # --------------------------------------------------------------------------- helpers
 
@@ -47,6 +53,17 @@ def _as_strided(x, shape, strides):
     return xp.lib.stride_tricks.as_strided(x, shape=shape, strides=strides)
 
 
+def _conv_geometry(x_shape, KH, KW, stride, padding):
+    """(OH, OW) of a KH x KW convolution of an input of shape x_shape, or a ValueError saying why the
+    kernel does not fit."""
+    H, W = x_shape[2:]
+    (sh, sw), (ph, pw) = _pair(stride, "stride"), _pair(padding, "padding")
+    OH, OW = conv_output_size(H, KH, sh, ph), conv_output_size(W, KW, sw, pw)
+    if OH < 1 or OW < 1:
+        raise ValueError(f"kernel {KH}x{KW} does not fit input {H}x{W} with padding {padding}")
+    return OH, OW
+
+
 def _patches(x, KH, KW, stride, padding):
     """Every KH x KW patch of x, in place: a strided view (N, OH, OW, KH, KW*C), plus (OH, OW).
 
@@ -57,10 +74,7 @@ def _patches(x, KH, KW, stride, padding):
     N, C, H, W = x.shape
     sh, sw = _pair(stride, "stride")
     ph, pw = _pair(padding, "padding")
-    OH = conv_output_size(H, KH, sh, ph)
-    OW = conv_output_size(W, KW, sw, pw)
-    if OH < 1 or OW < 1:
-        raise ValueError(f"kernel {KH}x{KW} does not fit input {H}x{W} with padding {padding}")
+    OH, OW = _conv_geometry(x.shape, KH, KW, stride, padding)
     xh = xp.zeros((N, H + 2 * ph, W + 2 * pw, C), dtype=x.dtype)
     xh[:, ph:ph + H, pw:pw + W, :] = x.transpose(0, 2, 3, 1)
     s = xh.strides
@@ -133,24 +147,181 @@ def conv2d(x, W, b=None, stride=1, padding=0):
     """
     _check_conv(x, W, b)
     xp = get_array_module(x)
-    N = x.shape[0]
+    if xp is not np:                                       # a GPU takes the whole batch in one product
+        C_out, _, KH, KW = W.shape
+        Wm = xp.ascontiguousarray(_weight_matrix(W).T)     # (KH*KW*C_in, C_out)
+        patches, (OH, OW) = _patches(x, KH, KW, stride, padding)
+        out = xp.matmul(patches.reshape(-1, Wm.shape[0]), Wm).reshape(x.shape[0], OH, OW, C_out)
+        if b is not None:
+            out += b
+        return out.transpose(0, 3, 1, 2)
+    return conv2d_from(lambda dst, s, e: _copy_nhwc(x, s, e, dst), x.shape, W, b, stride, padding, x.dtype)
+
+
+def _copy_nhwc(x, s, e, dst):
+    dst[...] = x[s:e].transpose(0, 2, 3, 1)
+
+
+def conv2d_from(fill, x_shape, W, b=None, stride=1, padding=0, dtype=np.float32, out=None):
+    """conv2d (NumPy) of an input that is never stored whole: ``fill(dst, s, e)`` writes images s..e-1,
+    channels-last (e - s, H, W, C_in), into ``dst`` (a view into a scratch buffer). ``x_shape`` is
+    (N, C_in, H, W). This lets a caller gather, add or apply ReLU while the images are copied anyway.
+    ``out``: an array (N, OH, OW, C_out) (C-contiguous) to write the result into, instead of a new one.
+
+    The full im2col matrix is KH*KW times the input: writing it to memory and reading it back costs more
+    than the product itself. A few images at a time keep their patch matrix in the cache; inside
+    ``parallel_cpu()`` every core takes a share of the images (the results are the same).
+    """
+    N = x_shape[0]
     C_out, _, KH, KW = W.shape
-    patches, (OH, OW) = _patches(x, KH, KW, stride, padding)
-    Wm = xp.ascontiguousarray(_weight_matrix(W).T)         # (KH*KW*C_in, C_out)
-    out = xp.empty((N, OH, OW, C_out), dtype=x.dtype)
-    # The full im2col matrix is KH*KW times the input: writing it to memory and reading it back costs
-    # more than the product itself. On the CPU, a few images at a time keep their patch matrix in the
-    # cache (the results are the same); a GPU takes the whole batch in one product.
-    per_image = OH * OW * Wm.shape[0] * x.itemsize
-    block = N if xp is not np else max(1, CONV_BLOCK_BYTES // per_image)
-    buf = xp.empty((min(block, N),) + patches.shape[1:], dtype=x.dtype)     # one block of im2col
-    for s in range(0, N, block):
-        col = buf[:min(block, N - s)]
-        col[...] = patches[s:s + block]
-        xp.matmul(col.reshape(-1, Wm.shape[0]), Wm, out=out[s:s + block].reshape(-1, C_out))
+    if W.shape[1] != x_shape[1]:
+        raise ValueError(f"x has {x_shape[1]} channels but W expects C_in={W.shape[1]} "
+                         f"(x shape {tuple(x_shape)}, W shape {W.shape})")
+    Wm = np.ascontiguousarray(_weight_matrix(W).T)         # (KH*KW*C_in, C_out)
+    OH, OW = _conv_geometry(x_shape, KH, KW, stride, padding)
+    if out is None:
+        out = np.empty((N, OH, OW, C_out), dtype=dtype)
+    elif out.shape != (N, OH, OW, C_out) or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {np.dtype(dtype).name} array of shape "
+                         f"{(N, OH, OW, C_out)}, got {out.dtype.name} {out.shape}")
+    block = max(1, CONV_BLOCK_BYTES // (OH * OW * Wm.shape[0] * np.dtype(dtype).itemsize))
+    _run_split(N, block, lambda s, e: _conv_images(fill, s, e, x_shape, Wm, out, KH, KW, stride, padding, block))
     if b is not None:
         out += b
     return out.transpose(0, 3, 1, 2)
+
+
+def _conv_images(fill, start, stop, x_shape, Wm, out, KH, KW, stride, padding, block):
+    """Images start..stop-1 of conv2d_from into out (N, OH, OW, C_out), a block of images at a time.
+
+    Per block: fill() lays the images out padded and channels-last in a small buffer, their patch matrix
+    (im2col, see ``_patches``) is copied from it, and one matrix product writes the block's outputs.
+    The buffers are the thread's own and are kept between calls (their zero border stays zero), so
+    nothing large is allocated and everything a block touches stays in the cache.
+    """
+    _, C, H, W = x_shape
+    (sh, sw), (ph, pw) = _pair(stride, "stride"), _pair(padding, "padding")
+    K, C_out = Wm.shape
+    OH, OW = out.shape[1:3]
+    n = min(block, stop - start)
+    xh = _thread_buffer("pad", (n, H + 2 * ph, W + 2 * pw, C), out.dtype, zero=True)
+    # With few input channels a patch row is a few numbers long and copying it row by row is slow:
+    # then the matrix is built transposed, one kernel tap at a time (rows of n*OH*OW numbers).
+    by_tap = KW * C < 8
+    if by_tap:
+        colT = _thread_buffer("colT", (K, n * OH * OW), out.dtype)
+    else:
+        col = _thread_buffer("col", (n, OH, OW, KH, KW * C), out.dtype)
+        st = xh.strides
+        patches = _as_strided(xh, col.shape, (st[0], st[1] * sh, st[2] * sw, st[1], st[3]))
+    for s in range(start, stop, block):
+        m = min(block, stop - s)
+        fill(xh[:m, ph:ph + H, pw:pw + W, :], s, s + m)
+        if by_tap:
+            A = colT[:, :m * OH * OW]                      # rows in (kh, kw, c) order, as _weight_matrix
+            for ki in range(KH):
+                for kj in range(KW):
+                    t = (ki * KW + kj) * C
+                    A[t:t + C].reshape(C, m, OH, OW)[...] = \
+                        xh[:m, ki:ki + sh * OH:sh, kj:kj + sw * OW:sw].transpose(3, 0, 1, 2)
+            A = A.T
+        else:
+            col[:m] = patches[:m]
+            A = col[:m].reshape(-1, K)
+        np.matmul(A, Wm, out=out[s:s + m].reshape(-1, C_out))
+
+
+# --------------------------------------------------------------------------- CPU threads
+
+_threads = threading.local()     # .inside: this thread is one of the pool's; .buffers: see _thread_buffer
+_pool = {}
+
+
+def _thread_buffer(name, shape, dtype, zero=False):
+    """A scratch array of this thread, kept for the next call with the same name, shape and dtype
+    (``zero``: zero-filled when made; whoever uses it keeps the parts it relies on zero)."""
+    bufs = getattr(_threads, "buffers", None)
+    if bufs is None:
+        bufs = _threads.buffers = {}
+    key = (name, shape, np.dtype(dtype).str)
+    if key not in bufs:
+        if len(bufs) >= 32:                              # a few shapes recur in a run; forget the rest
+            bufs.clear()
+        bufs[key] = (np.zeros if zero else np.empty)(shape, dtype=dtype)
+    return bufs[key]
+
+
+def cpu_threads():
+    """How many threads conv2d shares images between on the CPU: ``CONV_THREADS``, else the usable cores."""
+    if CONV_THREADS is not None:
+        return max(1, int(CONV_THREADS))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:                               # no sched_getaffinity (macOS, Windows)
+        return os.cpu_count() or 1
+
+
+def _blas_controller():
+    """threadpoolctl's controller of the loaded BLAS libraries, or None without threadpoolctl."""
+    if "blas" not in _pool:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _pool["blas"] = ThreadpoolController()
+        except ImportError:
+            _pool["blas"] = None
+    return _pool["blas"]
+
+
+@contextlib.contextmanager
+def parallel_cpu():
+    """Within this context, conv2d on the CPU gives each core a share of a batch's images.
+
+    BLAS is set to one thread for the whole context (with threadpoolctl; without it, or with one core,
+    nothing changes): the split is the parallelism, and for the small matrix products of one block of
+    images one BLAS thread is faster than several. The RSO engines search inside it. It may be nested;
+    the outermost one restores BLAS's thread count.
+    """
+    if _pool.get("depth"):                               # nested: the outer context has set things up
+        _pool["depth"] += 1
+        try:
+            yield
+        finally:
+            _pool["depth"] -= 1
+        return
+    ctl = _blas_controller() if cpu_threads() > 1 else None
+    if ctl is None:
+        yield
+        return
+    with ctl.limit(limits=1, user_api="blas"):
+        _pool["depth"] = 1
+        try:
+            yield
+        finally:
+            _pool["depth"] = 0
+
+
+def _run_split(n, block, work):
+    """work(start, stop) over 0..n, split into one contiguous share per thread (whole blocks each), run
+    concurrently; serially outside ``parallel_cpu`` (or with one share or one core)."""
+    shares = min(cpu_threads(), -(-n // block))
+    if shares < 2 or not _pool.get("depth") or getattr(_threads, "inside", False):
+        work(0, n)
+        return
+    blocks = -(-n // block)
+    cuts = [min(n, (blocks * k // shares) * block) for k in range(shares + 1)]
+    if shares not in _pool:
+        _pool[shares] = ThreadPoolExecutor(shares - 1, thread_name_prefix="rso_np")
+
+    def inside(s, e):
+        _threads.inside = True
+        work(s, e)
+
+    futures = [_pool[shares].submit(inside, cuts[k], cuts[k + 1]) for k in range(1, shares)]
+    try:
+        work(cuts[0], cuts[1])                             # the calling thread takes the first share
+    finally:
+        for f in futures:
+            f.result()
 
 
 def conv2d_naive(x, W, b=None, stride=1, padding=0):

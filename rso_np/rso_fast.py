@@ -51,6 +51,7 @@ from .layers import (
 from .losses import per_sample_cross_entropy
 from .rso import KEEP, MINUS, PLUS, RSO
 
+STAGED = True       # on the CPU, gather / add / ReLU while a convolution copies its input (see Staged)
 PER_CHANNEL = (ReLU, MaxPool2d, AvgPool2d, BatchNorm2d, GlobalAvgPool2d, Flatten)
 MIXING = (Conv2d, Dense)
 
@@ -71,7 +72,92 @@ def _tap_slice(k, stride, padding, out_size, in_size):
     return slice(i0 * stride + k - padding, i1 * stride + k - padding + 1, stride)
 
 
-def conv_global_avg(x, W, b=None, stride=1, padding=0):
+class Staged:
+    """A batch (N, C, H, W) on the CPU that is never stored whole: ``fill(dst, s, e)`` writes images
+    s..e-1, channels-last, into dst. The convolution that reads it (``functional.conv2d_from``) copies
+    its input into a small buffer a block of images at a time anyway; a gather, a sum or a ReLU done in
+    that copy costs no pass over memory of its own and runs on every core. Same numbers as the array."""
+
+    def __init__(self, fill, shape, dtype):
+        self.fill, self.shape, self.dtype = fill, tuple(shape), np.dtype(dtype)
+
+    def array(self, out=None):
+        """The batch as an (N, C, H, W) array (channels-last in memory; ``out``: (N, H, W, C) to fill)."""
+        N, C, H, W = self.shape
+        x = np.empty((N, H, W, C), dtype=self.dtype) if out is None else out
+        self.fill(x, 0, N)
+        return x.transpose(0, 3, 1, 2)
+
+
+class Workspace:
+    """Arrays kept from one trial to the next, by name (the trials of a layer have the same shapes).
+
+    On the CPU a new large array is paid for again in page faults when it is first written, a good part
+    of a trial's time; reusing them avoids it. ``None`` in place of a workspace: fresh arrays."""
+
+    def __init__(self):
+        self.arrays = {}
+
+    def get(self, key, shape, dtype, zero=False):
+        a = self.arrays.get(key)
+        if a is None or a.shape != tuple(shape) or a.dtype != np.dtype(dtype):
+            a = self.arrays[key] = (np.zeros if zero else np.empty)(shape, dtype=dtype)
+        return a
+
+
+def _take(ws, key, shape, dtype, zero=False):
+    return None if ws is None else ws.get(key, shape, dtype, zero)
+
+
+def staged_relu(x):
+    """relu(x), applied while a convolution copies x."""
+    src = x.transpose(0, 2, 3, 1)
+    return Staged(lambda dst, s, e: np.maximum(src[s:e], 0, out=dst), x.shape, x.dtype)
+
+
+def staged_rows(acts, rows, channel=None, into=None):
+    """acts[rows] (acts: a stored activation); with ``channel``, the fill also copies that channel of
+    every image into ``into`` (B, H, W), for the channel delta."""
+    src = acts.transpose(0, 2, 3, 1)
+
+    def fill(dst, s, e):
+        np.take(src, rows[s:e], axis=0, out=dst, mode="clip")
+        if channel is not None:
+            into[s:e] = dst[..., channel]
+    return Staged(fill, (len(rows),) + acts.shape[1:], acts.dtype)
+
+
+def staged_candidates(y, dy, relu):
+    """The 3B batch (y + dy[:B], y, y + dy[B:]) of W + dW, W and W - dW, followed by ReLU if ``relu``."""
+    B = y.shape[0]
+    ys, ds = y.transpose(0, 2, 3, 1), dy.transpose(0, 2, 3, 1)
+
+    def fill(dst, s, e):
+        for g in range(s // B, (e - 1) // B + 1):           # the candidates this block of images spans
+            a, b = max(s, g * B), min(e, (g + 1) * B)
+            out = dst[a - s:b - s]
+            if g == 1:
+                out[...] = ys[a - B:b - B]
+            else:                                            # dy rows: g = 0 -> 0..B-1, g = 2 -> B..2B-1
+                np.add(ys[a - g * B:b - g * B], ds[a - g * B + g // 2 * B:b - g * B + g // 2 * B], out=out)
+            if relu:
+                np.maximum(out, 0, out=out)
+    return Staged(fill, (3 * B,) + y.shape[1:], y.dtype)
+
+
+def _conv(x, W, b, stride, padding, ws=None, key=None):
+    """F.conv2d of an array or a Staged batch (into the workspace's array ``key``, if given one)."""
+    if ws is None or get_array_module(W) is not np:
+        return F.conv2d(x.array() if isinstance(x, Staged) else x, W, b, stride, padding)
+    if not isinstance(x, Staged):
+        x = Staged(lambda dst, s, e, a=x: F._copy_nhwc(a, s, e, dst), x.shape, x.dtype)
+    OH = F.conv_output_size(x.shape[2], W.shape[2], stride, padding)
+    OW = F.conv_output_size(x.shape[3], W.shape[3], stride, padding)
+    out = ws.get(key, (x.shape[0], OH, OW, W.shape[0]), x.dtype)
+    return F.conv2d_from(x.fill, x.shape, W, b, stride, padding, x.dtype, out=out)
+
+
+def conv_global_avg(x, W, b=None, stride=1, padding=0, ws=None, key=None):
     """global_avg_pool2d(conv2d(x, W, b, stride, padding)) without the convolution: (N, C_out).
 
     Both steps are linear, so together they are one dense layer on the flattened input: input pixel
@@ -79,6 +165,8 @@ def conv_global_avg(x, W, b=None, stride=1, padding=0):
     W[o, c, ki, kj] / (OH*OW). The effective (C*H*W, C_out) matrix costs less than one image's convolution.
     Same numbers up to float rounding.
     """
+    if isinstance(x, Staged):
+        x = x.array(_take(ws, key, (x.shape[0],) + x.shape[2:] + x.shape[1:2], x.dtype))
     xp = get_array_module(x)
     C_out, _, KH, KW = W.shape
     N, _, H, Wd = x.shape
@@ -88,12 +176,16 @@ def conv_global_avg(x, W, b=None, stride=1, padding=0):
         rows[_tap_slice(k, stride, padding, OH, H), k] = 1                # rows[h, ki]: tap ki sees row h
     for k in range(KW):
         cols[_tap_slice(k, stride, padding, OW, Wd), k] = 1
-    W_eff = xp.einsum("ocij,hi,wj->chwo", W, rows, cols) / (OH * OW)
+    if x.transpose(0, 2, 3, 1).flags.c_contiguous:        # channels-last in memory: flatten as (h, w, c)
+        W_eff = xp.einsum("ocij,hi,wj->hwco", W, rows, cols) / (OH * OW)
+        x = x.transpose(0, 2, 3, 1)
+    else:
+        W_eff = xp.einsum("ocij,hi,wj->chwo", W, rows, cols) / (OH * OW)
     out = x.reshape(N, -1) @ W_eff.reshape(-1, C_out)
     return out + b if b is not None else out
 
 
-def conv_avg_pool(x, W, b=None, padding=0, pool=2, pool_stride=None):
+def conv_avg_pool(x, W, b=None, padding=0, pool=2, pool_stride=None, ws=None, key=None):
     """avg_pool2d(conv2d(x, W, b, 1, padding), pool, pool_stride) as one strided convolution.
 
     Both steps are linear: output (i, j) averages the convolution at rows i*ps + a, columns j*ps + c
@@ -101,14 +193,14 @@ def conv_avg_pool(x, W, b=None, padding=0, pool=2, pool_stride=None):
     W' = sum over (a, c) of W shifted by (a, c), / pool^2. For a 3x3 kernel and 2x2 pooling that is 16
     taps per pooled output instead of 4 x 9, and no pooling pass. Same numbers up to float rounding.
     """
-    xp = get_array_module(x)
+    xp = get_array_module(W)
     ps = pool if pool_stride is None else pool_stride
     C_out, C_in, KH, KW = W.shape
     W2 = xp.zeros((C_out, C_in, KH + pool - 1, KW + pool - 1), dtype=W.dtype)
     for a in range(pool):
         for c in range(pool):
             W2[:, :, a:a + KH, c:c + KW] += W
-    return F.conv2d(x, W2 * W.dtype.type(1.0 / (pool * pool)), b, ps, padding)
+    return _conv(x, W2 * W.dtype.type(1.0 / (pool * pool)), b, ps, padding, ws, key)
 
 
 def _folded_pool(layers, i):
@@ -126,29 +218,39 @@ def block_size(layers, i):
     return 1 if _folded_pool(layers, i) is None else 2
 
 
-def conv_block(layers, i, x, in_channels=None):
+def conv_block(layers, i, x, in_channels=None, ws=None):
     """Conv layers[i] with the average pooling right after it folded in (``conv_global_avg``,
-    ``conv_avg_pool``) applied to x. ``in_channels``: only that slice of the input channels (no bias),
-    for a change that lives in those channels."""
+    ``conv_avg_pool``) applied to x (an array, or a ``Staged`` batch on the CPU). ``in_channels``: only
+    that slice of the input channels (no bias), for a change that lives in those channels. ``ws``: a
+    ``Workspace`` to take the output from."""
     conv, pool = layers[i], _folded_pool(layers, i)
+    key = (id(conv), in_channels is not None)
     W, b = conv.params["weight"], conv.params.get("bias")
     if in_channels is not None:
         W, b = W[:, in_channels], None
     if isinstance(pool, GlobalAvgPool2d):
-        return conv_global_avg(x, W, b, conv.stride, conv.padding)
+        return conv_global_avg(x, W, b, conv.stride, conv.padding, ws, key)
     if isinstance(pool, AvgPool2d):
-        return conv_avg_pool(x, W, b, conv.padding, pool.kernel_size, pool.stride)
-    return F.conv2d(x, W, b, conv.stride, conv.padding)
+        return conv_avg_pool(x, W, b, conv.padding, pool.kernel_size, pool.stride, ws, key)
+    return _conv(x, W, b, conv.stride, conv.padding, ws, key)
 
 
-def forward_grouped(layers, x, groups=1):
+def forward_grouped(layers, x, groups=1, ws=None):
     """Run ``layers`` on a batch made of ``groups`` minibatches stacked along N (batch norm keeps each
-    minibatch's own statistics); a conv and the average pooling after it run as one ``conv_block``."""
+    minibatch's own statistics); a conv and the average pooling after it run as one ``conv_block``, and
+    on the CPU a ReLU right before a conv is applied as the conv copies its input (``staged_relu``)."""
     i = 0
     while i < len(layers):
         layer = layers[i]
+        if isinstance(x, Staged) and not isinstance(layer, Conv2d):
+            x = x.array()
+        if (isinstance(layer, ReLU) and i + 1 < len(layers) and isinstance(layers[i + 1], Conv2d)
+                and STAGED and not isinstance(x, Staged) and get_array_module(x) is np):
+            x = conv_block(layers, i + 1, staged_relu(x), ws=ws)
+            i += 1 + block_size(layers, i + 1)
+            continue
         if isinstance(layer, Conv2d):
-            x = conv_block(layers, i, x)
+            x = conv_block(layers, i, x, ws=ws)
             i += block_size(layers, i)
             continue
         if isinstance(layer, BatchNorm2d) and groups > 1:
@@ -156,7 +258,7 @@ def forward_grouped(layers, x, groups=1):
         else:
             x = layer.forward(x)
         i += 1
-    return x
+    return x.array() if isinstance(x, Staged) else x
 
 
 def forward_channel(layers, x, o, groups):
@@ -274,11 +376,12 @@ class FastRSO(RSO):
 
     def _prefix_getter(self, d):
         """A function rows -> input of layer d for a minibatch (B, ...): gathered from the stored input
-        of layer d, or computed on the minibatch from the deepest stored layer before it."""
+        of layer d, or computed on the minibatch from the deepest stored layer before it. Also the stored
+        input of layer d itself, or None."""
         k, acts = self._store_inputs(d)
         if k == d:
-            return lambda rows: acts[rows]
-        return lambda rows: forward_grouped(self.layers[k:d], acts[rows])
+            return (lambda rows: acts[rows]), acts
+        return (lambda rows: forward_grouped(self.layers[k:d], acts[rows])), None
 
     # ----------------------------------------------------------------------------------- one layer
     def search_unit(self, unit, sigma, count=None):
@@ -311,14 +414,14 @@ class FastRSO(RSO):
         """The function that evaluates (F(W+dW), F(W), F(W-dW)) for one trial of ``unit``."""
         d = unit.layer_index
         layer = self.layers[d]
-        get_h = self._prefix_getter(d)
+        get_h, stored = self._prefix_getter(d)
         pname = unit.name.rsplit(".", 1)[1]
         if isinstance(layer, Dense) and d == len(self.layers) - 1:
             return self._dense_last(unit, layer, pname, get_h)
         m = self._mixing_after(d)
         if isinstance(layer, (Conv2d, BatchNorm2d)) and m is not None and (
                 m == len(self.layers) or isinstance(self.layers[m], (Conv2d, Dense))):
-            return self._channel_delta(unit, d, m, pname, get_h)
+            return self._channel_delta(unit, d, m, pname, get_h, stored)
         return self._generic(unit, d, get_h)
 
     # ----------------------------------------------------------------------------------- trial kinds
@@ -361,7 +464,7 @@ class FastRSO(RSO):
             return self._losses(cand, rows, 3)
         return trial
 
-    def _channel_delta(self, unit, d, m, pname, get_h):
+    def _channel_delta(self, unit, d, m, pname, get_h, stored):
         """A conv weight (or batch-norm scale/shift) of output channel o: only channel o moves up to layer m."""
         xp = self.xp
         layers = self.layers
@@ -370,22 +473,40 @@ class FastRSO(RSO):
         pool = _folded_pool(layers, d)                     # folded into layer d's conv_block, if any
         between = layers[d + block_size(layers, d):m]
         mix = layers[m] if m < len(layers) else None
-        after = layers[m + (block_size(layers, m) if isinstance(mix, Conv2d) else 1):]
+        after_at = m + (block_size(layers, m) if isinstance(mix, Conv2d) else 1)
+        after = layers[after_at:]
         shape = unit.array.shape
+        # On the CPU the copies that feed a convolution also gather the minibatch, apply a ReLU or add
+        # the candidates' change (``Staged``): where the layers allow it, these arrays are never made.
+        cpu = xp is np and STAGED
+        ws = Workspace() if cpu else None                  # the trial's arrays, kept between trials
+        stage_h = cpu and stored is not None and is_conv and pname == "weight"
+        stage_a = cpu and isinstance(mix, Conv2d) and all(isinstance(l, ReLU) for l in between) and len(between) == 1
+        first = after_at + 1 if after and isinstance(after[0], ReLU) else after_at
+        stage_c = (cpu and isinstance(mix, Conv2d) and first < len(layers) and isinstance(layers[first], Conv2d)
+                   and all(isinstance(l, ReLU) for l in layers[after_at:first]))
 
         def trial(j, rows, w0, wp, wm):
-            h = get_h(rows)
-            B = h.shape[0]
-            # layer d with W[j] = w0 (and the pooling folded into it): (B, C, OH, OW)
-            z = conv_block(layers, d, h) if is_conv else layer.forward(h)
             if is_conv and pname == "weight":
                 o, c, ki, kj = np.unravel_index(j, shape)
                 s, p = layer.stride, layer.padding
-                OH = F.conv_output_size(h.shape[2], layer.kernel_size, s, p)
-                OW = F.conv_output_size(h.shape[3], layer.kernel_size, s, p)
-                hc = h[:, c]
-                if p:
-                    hc = xp.pad(hc, ((0, 0), (p, p), (p, p)))
+            if stage_h:
+                # layer d on the minibatch gathered from the stored input; the copy keeps input channel c
+                B, _, H, W = (len(rows),) + stored.shape[1:]
+                hc = ws.get("hc", (B, H + 2 * p, W + 2 * p), stored.dtype, zero=True)   # border stays 0
+                z = conv_block(layers, d, staged_rows(stored, rows, c, hc[:, p:p + H, p:p + W]), ws=ws)
+            else:
+                h = get_h(rows)
+                B, H, W = h.shape[0], h.shape[2], h.shape[3]
+                # layer d with W[j] = w0 (and the pooling folded into it): (B, C, OH, OW)
+                z = conv_block(layers, d, h) if is_conv else layer.forward(h)
+                if is_conv and pname == "weight":
+                    hc = h[:, c]
+                    if p:
+                        hc = xp.pad(hc, ((0, 0), (p, p), (p, p)))
+            if is_conv and pname == "weight":
+                OH = F.conv_output_size(H, layer.kernel_size, s, p)
+                OW = F.conv_output_size(W, layer.kernel_size, s, p)
                 piece = hc[:, ki:ki + s * OH:s, kj:kj + s * OW:s]
                 if pool is not None:                       # the folded pooling is linear: pool the piece
                     piece = pool.forward(piece[:, None])[:, 0]     # (B, OH', OW'), or (B,) if global
@@ -396,35 +517,45 @@ class FastRSO(RSO):
             else:                                          # batch-norm shift beta[o]
                 o, piece = j, xp.ones(z.shape[:1] + z.shape[2:], dtype=z.dtype)
             # the unperturbed network up to the next mixing layer
-            a = forward_grouped(between, z, 1)
-            y = a if mix is None else conv_block(layers, m, a) if isinstance(mix, Conv2d) else mix.forward(a)
+            if stage_a:
+                a_ndim, y = 4, conv_block(layers, m, staged_relu(z), ws=ws)
+            else:
+                a = forward_grouped(between, z, 1)
+                a_ndim = a.ndim
+                y = a if mix is None else conv_block(layers, m, a) if isinstance(mix, Conv2d) else mix.forward(a)
             # channel o of W + dW, W and W - dW through the per-channel layers, all three by one route so
             # that their differences are exact: a change that vanishes (ReLU) gives a zero difference
             zo = z[:, o]
             zc = xp.concatenate([zo + (wp - w0) * piece, zo, zo + (wm - w0) * piece])[:, None]
             ac = forward_channel(between, zc, o, 3)
-            if a.ndim == 4:                                # still images: channel o is a[:, o]
+            if a_ndim == 4:                                # still images: channel o is a[:, o]
                 cols = slice(o, o + 1)
             else:                                          # flattened or pooled to (B, C*H*W): its block
                 ac = ac.reshape(3 * B, -1)
                 cols = slice(o * ac.shape[1], (o + 1) * ac.shape[1])
             base = ac[B:2 * B]
             da = xp.concatenate([ac[:B] - base, ac[2 * B:] - base])
+            # W + dW, W and W - dW through the remaining layers as one batch of 3B
             if mix is None:
                 yc = xp.concatenate([a, a, a])
                 yc[:B, cols] += da[:B]
                 yc[2 * B:, cols] += da[B:]
+                out = forward_grouped(after, yc, 3)
             else:
                 if isinstance(mix, Conv2d):
-                    dy = conv_block(layers, m, da, slice(o, o + 1))
+                    dy = conv_block(layers, m, da, slice(o, o + 1), ws)
                 else:                                      # dense after flatten / global pooling
                     dy = da @ mix.params["weight"][:, cols].T
-                yc = _empty_like_activation(xp, (3 * B,) + y.shape[1:], y.dtype)
-                xp.add(y, dy[:B], out=yc[:B])
-                yc[B:2 * B] = y
-                xp.add(y, dy[B:], out=yc[2 * B:])
-            # W + dW, W and W - dW through the remaining layers as one batch of 3B
-            f = self._losses(forward_grouped(after, yc, 3), rows, 3)
+                if stage_c:                                # y + dy (and ReLU) as the next conv copies it
+                    nxt = conv_block(layers, first, staged_candidates(y, dy, first > after_at), ws=ws)
+                    out = forward_grouped(layers[first + block_size(layers, first):], nxt, 3, ws)
+                else:
+                    yc = _empty_like_activation(xp, (3 * B,) + y.shape[1:], y.dtype)
+                    xp.add(y, dy[:B], out=yc[:B])
+                    yc[B:2 * B] = y
+                    xp.add(y, dy[B:], out=yc[2 * B:])
+                    out = forward_grouped(after, yc, 3)
+            f = self._losses(out, rows, 3)
             # a candidate whose change vanished before the next mixing layer (a channel that ReLU zeroes,
             # say) leaves the network's output as it is: its loss is F(W) exactly, a tie, as in the literal
             # engine (rows of one batch may be rounded differently, so this is not left to the arithmetic)

@@ -54,16 +54,39 @@ def test_conv2d_vs_naive_and_scipy(xp, case, bias, rng):
     assert rel_err(out, naive) < 1e-5
 
 
+@pytest.mark.parametrize("channels", [1, 3])          # patch matrix built tap by tap / row by row
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("block_images", [1, 2, 3])
-def test_conv2d_in_blocks(block_images, rng, monkeypatch):
-    """On the CPU conv2d multiplies a few images at a time: every block, the last partial one included,
-    must match the oracle."""
-    x = rng.standard_normal((7, 3, 9, 8)).astype(np.float32)
-    W = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
-    per_image = 9 * 8 * 27 * 4                           # OH*OW*KH*KW*C_in float32 numbers
+def test_conv2d_in_blocks(block_images, threads, channels, rng, monkeypatch):
+    """On the CPU conv2d multiplies a few images at a time, the threads taking a share of the blocks
+    each: every block and share, the last partial ones included, must match the oracle."""
+    x = rng.standard_normal((7, channels, 9, 8)).astype(np.float32)
+    W = rng.standard_normal((4, channels, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    per_image = 9 * 8 * 9 * channels * 4                 # OH*OW*KH*KW*C_in float32 numbers
     monkeypatch.setattr(F, "CONV_BLOCK_BYTES", block_images * per_image)
-    out = F.conv2d(x, W, None, 1, 1)
-    assert rel_err(out, conv_scipy(x, W, None, 1, 1)) < 1e-5
+    monkeypatch.setattr(F, "CONV_THREADS", threads)
+    with F.parallel_cpu():
+        out = F.conv2d(x, W, b, 1, 1)
+    assert rel_err(out, conv_scipy(x, W, b, 1, 1)) < 1e-5
+
+
+def test_parallel_cpu_sets_blas_to_one_thread_and_back(rng, monkeypatch):
+    """Inside parallel_cpu (nested too) BLAS runs one thread; afterwards it has its own count back."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    before = blas_threads()
+    monkeypatch.setattr(F, "CONV_THREADS", 2)
+    monkeypatch.setattr(F, "CONV_BLOCK_BYTES", 1)
+    x = rng.standard_normal((4, 2, 6, 6)).astype(np.float32)
+    with F.parallel_cpu():
+        assert set(blas_threads()) == {1}
+        with F.parallel_cpu():
+            F.conv2d(x, rng.standard_normal((3, 2, 3, 3)).astype(np.float32), None, 1, 1)
+        assert set(blas_threads()) == {1}
+    assert blas_threads() == before
 
 
 def pool_loops(x, k, s, op):
