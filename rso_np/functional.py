@@ -162,11 +162,12 @@ def _copy_nhwc(x, s, e, dst):
     dst[...] = x[s:e].transpose(0, 2, 3, 1)
 
 
-def conv2d_from(fill, x_shape, W, b=None, stride=1, padding=0, dtype=np.float32, out=None):
+def conv2d_from(fill, x_shape, W, b=None, stride=1, padding=0, dtype=np.float32, out=None, relu=False):
     """conv2d (NumPy) of an input that is never stored whole: ``fill(dst, s, e)`` writes images s..e-1,
     channels-last (e - s, H, W, C_in), into ``dst`` (a view into a scratch buffer). ``x_shape`` is
     (N, C_in, H, W). This lets a caller gather, add or apply ReLU while the images are copied anyway.
-    ``out``: an array (N, OH, OW, C_out) (C-contiguous) to write the result into, instead of a new one.
+    ``out``: an array (N, OH, OW, C_out) (C-contiguous) to write the result into, instead of a new one;
+    ``relu``: return relu(conv2d(...)), applied to each block while it is in the cache.
 
     The full im2col matrix is KH*KW times the input: writing it to memory and reading it back costs more
     than the product itself. A few images at a time keep their patch matrix in the cache; inside
@@ -185,13 +186,13 @@ def conv2d_from(fill, x_shape, W, b=None, stride=1, padding=0, dtype=np.float32,
         raise ValueError(f"out must be a C-contiguous {np.dtype(dtype).name} array of shape "
                          f"{(N, OH, OW, C_out)}, got {out.dtype.name} {out.shape}")
     block = max(1, CONV_BLOCK_BYTES // (OH * OW * Wm.shape[0] * np.dtype(dtype).itemsize))
-    _run_split(N, block, lambda s, e: _conv_images(fill, s, e, x_shape, Wm, out, KH, KW, stride, padding, block))
-    if b is not None:
-        out += b
+    bias = None if b is None else np.asarray(b, dtype=dtype)
+    _run_split(N, block, lambda s, e: _conv_images(fill, s, e, x_shape, Wm, out, KH, KW, stride, padding, block,
+                                                   bias, relu))
     return out.transpose(0, 3, 1, 2)
 
 
-def _conv_images(fill, start, stop, x_shape, Wm, out, KH, KW, stride, padding, block):
+def _conv_images(fill, start, stop, x_shape, Wm, out, KH, KW, stride, padding, block, bias=None, relu=False):
     """Images start..stop-1 of conv2d_from into out (N, OH, OW, C_out), a block of images at a time.
 
     Per block: fill() lays the images out padded and channels-last in a small buffer, their patch matrix
@@ -228,7 +229,12 @@ def _conv_images(fill, start, stop, x_shape, Wm, out, KH, KW, stride, padding, b
         else:
             col[:m] = patches[:m]
             A = col[:m].reshape(-1, K)
-        np.matmul(A, Wm, out=out[s:s + m].reshape(-1, C_out))
+        o = out[s:s + m]
+        np.matmul(A, Wm, out=o.reshape(-1, C_out))
+        if bias is not None:
+            o += bias
+        if relu:
+            np.maximum(o, 0, out=o)
 
 
 # --------------------------------------------------------------------------- CPU threads

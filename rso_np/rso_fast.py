@@ -145,16 +145,26 @@ def staged_candidates(y, dy, relu):
     return Staged(fill, (3 * B,) + y.shape[1:], y.dtype)
 
 
-def _conv(x, W, b, stride, padding, ws=None, key=None):
-    """F.conv2d of an array or a Staged batch (into the workspace's array ``key``, if given one)."""
-    if ws is None or get_array_module(W) is not np:
-        return F.conv2d(x.array() if isinstance(x, Staged) else x, W, b, stride, padding)
+def _conv(x, W, b, stride, padding, ws=None, key=None, out=None, relu=False):
+    """F.conv2d of an array or a Staged batch: into ``out`` (NHWC) or the workspace's array ``key`` if
+    given one, followed by ReLU if ``relu``."""
+    if get_array_module(W) is not np:
+        y = F.conv2d(x.array() if isinstance(x, Staged) else x, W, b, stride, padding)
+        if relu:
+            y = F.relu(y)
+        if out is not None:
+            out[...] = y.transpose(0, 2, 3, 1)
+            y = out.transpose(0, 3, 1, 2)
+        return y
     if not isinstance(x, Staged):
+        if ws is None and out is None and not relu:
+            return F.conv2d(x, W, b, stride, padding)
         x = Staged(lambda dst, s, e, a=x: F._copy_nhwc(a, s, e, dst), x.shape, x.dtype)
-    OH = F.conv_output_size(x.shape[2], W.shape[2], stride, padding)
-    OW = F.conv_output_size(x.shape[3], W.shape[3], stride, padding)
-    out = ws.get(key, (x.shape[0], OH, OW, W.shape[0]), x.dtype)
-    return F.conv2d_from(x.fill, x.shape, W, b, stride, padding, x.dtype, out=out)
+    if out is None:
+        OH = F.conv_output_size(x.shape[2], W.shape[2], stride, padding)
+        OW = F.conv_output_size(x.shape[3], W.shape[3], stride, padding)
+        out = _take(ws, key, (x.shape[0], OH, OW, W.shape[0]), x.dtype)
+    return F.conv2d_from(x.fill, x.shape, W, b, stride, padding, x.dtype, out=out, relu=relu)
 
 
 def conv_global_avg(x, W, b=None, stride=1, padding=0, ws=None, key=None):
@@ -185,7 +195,7 @@ def conv_global_avg(x, W, b=None, stride=1, padding=0, ws=None, key=None):
     return out + b if b is not None else out
 
 
-def conv_avg_pool(x, W, b=None, padding=0, pool=2, pool_stride=None, ws=None, key=None):
+def conv_avg_pool(x, W, b=None, padding=0, pool=2, pool_stride=None, ws=None, key=None, out=None, relu=False):
     """avg_pool2d(conv2d(x, W, b, 1, padding), pool, pool_stride) as one strided convolution.
 
     Both steps are linear: output (i, j) averages the convolution at rows i*ps + a, columns j*ps + c
@@ -200,7 +210,7 @@ def conv_avg_pool(x, W, b=None, padding=0, pool=2, pool_stride=None, ws=None, ke
     for a in range(pool):
         for c in range(pool):
             W2[:, :, a:a + KH, c:c + KW] += W
-    return _conv(x, W2 * W.dtype.type(1.0 / (pool * pool)), b, ps, padding, ws, key)
+    return _conv(x, W2 * W.dtype.type(1.0 / (pool * pool)), b, ps, padding, ws, key, out, relu)
 
 
 def _folded_pool(layers, i):
@@ -218,21 +228,24 @@ def block_size(layers, i):
     return 1 if _folded_pool(layers, i) is None else 2
 
 
-def conv_block(layers, i, x, in_channels=None, ws=None):
+def conv_block(layers, i, x, in_channels=None, ws=None, out=None, relu=False):
     """Conv layers[i] with the average pooling right after it folded in (``conv_global_avg``,
     ``conv_avg_pool``) applied to x (an array, or a ``Staged`` batch on the CPU). ``in_channels``: only
     that slice of the input channels (no bias), for a change that lives in those channels. ``ws``: a
-    ``Workspace`` to take the output from."""
+    ``Workspace`` to take the output from; ``out``: an (N, OH, OW, C_out) array to write it into and
+    ``relu``: ReLU applied to it (with ``out`` and ``relu``: not for global average pooling)."""
     conv, pool = layers[i], _folded_pool(layers, i)
     key = (id(conv), in_channels is not None)
     W, b = conv.params["weight"], conv.params.get("bias")
     if in_channels is not None:
         W, b = W[:, in_channels], None
     if isinstance(pool, GlobalAvgPool2d):
+        if out is not None or relu:
+            raise ValueError("conv_block: out= and relu= are not for a conv folded with global pooling")
         return conv_global_avg(x, W, b, conv.stride, conv.padding, ws, key)
     if isinstance(pool, AvgPool2d):
-        return conv_avg_pool(x, W, b, conv.padding, pool.kernel_size, pool.stride, ws, key)
-    return _conv(x, W, b, conv.stride, conv.padding, ws, key)
+        return conv_avg_pool(x, W, b, conv.padding, pool.kernel_size, pool.stride, ws, key, out, relu)
+    return _conv(x, W, b, conv.stride, conv.padding, ws, key, out, relu)
 
 
 def forward_grouped(layers, x, groups=1, ws=None):
@@ -340,18 +353,22 @@ class FastRSO(RSO):
 
     def _drop_stale(self):
         """Forget every stored input whose layer has a weight before it that differs from the snapshot
-        taken when the input was computed."""
-        for k, (snapshot, _) in list(self._store.items()):
+        taken when the input was computed; returns their arrays (for reuse: memory written once before
+        costs no page faults)."""
+        dropped = []
+        for k, (snapshot, acts) in list(self._store.items()):
             now = self._weights_before(k)
             if len(now) != len(snapshot) or not all(bool(self.xp.array_equal(a, b)) for a, b in zip(now, snapshot)):
                 del self._store[k]
+                dropped.append(acts)
+        return dropped
 
     def _store_inputs(self, d):
         """Make sure the inputs of layer d (and of the searched layers before it, deepest first, as far as
         ``cache_bytes`` allows) are stored for every training image; returns (k, acts): the deepest stored
         layer k <= d and its input (k = 0: the training images themselves)."""
         xp, x = self.xp, self.x
-        self._drop_stale()
+        spare = self._drop_stale()
         points = [k for k in sorted(self._points, reverse=True) if k <= d]
         k0 = next((k for k in points if k in self._store), 0)
         src = self._store[k0][1] if k0 else x
@@ -360,15 +377,26 @@ class FastRSO(RSO):
             probe = self.model.forward(x[:1], check=False, stop=k)
             need = x.shape[0] * probe.size * probe.dtype.itemsize
             if used + need <= self.cache_bytes:
-                want[k] = _empty_like_activation(xp, (x.shape[0],) + probe.shape[1:], probe.dtype)
+                shape = (x.shape[0],) + probe.shape[1:]
+                same = next((i for i, a in enumerate(spare) if a.shape == shape and a.dtype == probe.dtype), None)
+                want[k] = spare.pop(same) if same is not None else _empty_like_activation(xp, shape, probe.dtype)
                 used += need
         if want:
             stops = sorted(want)
+            ws = Workspace() if xp is np else None
             for s in range(0, x.shape[0], 1024):             # one forward pass, a chunk of images at a time
                 a, k = src[s:s + 1024], k0
                 for stop in stops:
-                    a, k = forward_grouped(self.layers[k:stop], a), stop
-                    want[stop][s:s + 1024] = a
+                    seg, dst = self.layers[k:stop], want[stop][s:s + 1024]
+                    c = max((i for i, l in enumerate(seg) if isinstance(l, Conv2d)), default=None)
+                    if (c is not None and c + block_size(seg, c) == len(seg) - 1 and isinstance(seg[-1], ReLU)
+                            and dst.ndim == 4 and not isinstance(_folded_pool(seg, c), GlobalAvgPool2d)):
+                        # a segment that ends conv (+ pooling) + ReLU: the conv writes into the store
+                        conv_block(seg, c, forward_grouped(seg[:c], a, ws=ws), out=dst.transpose(0, 2, 3, 1),
+                                   relu=True)
+                    else:
+                        dst[...] = forward_grouped(seg, a, ws=ws)
+                    a, k = dst, stop
             for k, acts in want.items():
                 self._store[k] = ([p.copy() for p in self._weights_before(k)], acts)
         k = max([k0, *want])

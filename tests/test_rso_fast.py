@@ -87,6 +87,53 @@ def test_fast_matches_literal(xp, monkeypatch, build, size, cfg):
     compare(xp, build, size, monkeypatch=monkeypatch, **cfg)
 
 
+def test_fast_matches_literal_two_rounds_unstaged(monkeypatch):
+    """The path without staged inputs (STAGED = False, as on a GPU) makes the same decisions too, and a
+    second round (stored inputs recomputed into the memory of the first) still matches."""
+    monkeypatch.setattr(rso_fast, "STAGED", False)
+    compare(np, lambda: paper_mnist(channels=4), 14, rounds=2, monkeypatch=monkeypatch)
+
+
+def test_staged_inputs_equal_their_arrays():
+    """Each Staged batch, filled over blocks that split it anywhere, equals the array it stands for."""
+    rng = np.random.default_rng(2)
+    acts = rso_fast._empty_like_activation(np, (20, 3, 5, 4), np.float32)
+    acts[...] = rng.standard_normal(acts.shape)
+    rows = rng.permutation(20)[:7]
+    y = rng.standard_normal((7, 3, 5, 4)).astype(np.float32)
+    dy = rng.standard_normal((14, 3, 5, 4)).astype(np.float32)
+    into = np.zeros((7, 5, 4), np.float32)
+    cases = [
+        (rso_fast.staged_rows(acts, rows, 1, into), acts[rows]),
+        (rso_fast.staged_relu(y), np.maximum(y, 0)),
+        (rso_fast.staged_candidates(y, dy, False), np.concatenate([y + dy[:7], y, y + dy[7:]])),
+        (rso_fast.staged_candidates(y, dy, True), np.maximum(np.concatenate([y + dy[:7], y, y + dy[7:]]), 0)),
+    ]
+    for staged, ref in cases:
+        assert staged.shape == ref.shape
+        assert np.array_equal(staged.array(), ref)
+        N, C, H, W = ref.shape
+        got = np.empty((N, H, W, C), np.float32)
+        cuts = [0, 2, 3, 8, 13, N] if N > 13 else [0, 2, 3, N]
+        for s, e in zip(cuts[:-1], cuts[1:]):                 # blocks across the candidates' borders
+            staged.fill(got[s:e], s, e)
+        assert np.array_equal(got.transpose(0, 3, 1, 2), ref)
+    assert np.array_equal(into, acts[rows, 1])                # the channel copied on the side
+
+
+def test_conv2d_from_out_bias_relu():
+    """conv2d_from with a bias, ReLU and an output array: relu(conv2d(x) + b), written into out."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 3, 7, 7)).astype(np.float32)
+    W, b = rng.standard_normal((5, 3, 3, 3)).astype(np.float32), rng.standard_normal(5).astype(np.float32)
+    out = np.empty((6, 4, 4, 5), np.float32)
+    got = F.conv2d_from(lambda dst, s, e: F._copy_nhwc(x, s, e, dst), x.shape, W, b, 2, 1, out=out, relu=True)
+    ref = np.maximum(F.conv2d_naive(x.astype(np.float64), W, b, 2, 1), 0)
+    assert np.shares_memory(got, out) and np.abs(got - ref).max() < 1e-5
+    with pytest.raises(ValueError, match="out must be a C-contiguous float32 array of shape"):
+        F.conv2d_from(lambda dst, s, e: None, x.shape, W, b, 1, 1, out=out)
+
+
 def test_fast_matches_literal_unforced_small():
     """Without any forcing: the same choices and the same weights over two rounds (no tie occurs here)."""
     x, y = data(np, 300, 28)
@@ -158,6 +205,8 @@ def test_stored_activations_follow_the_weights():
     assert eng._store_inputs(d)[1] is acts                        # reused while nothing changed
     model.layers[model.names.index("conv5")].params["weight"][0, 0, 0, 0] += 1.0
     assert eng._store_inputs(d)[1] is acts                        # a later layer does not matter
+    before = acts.copy()
     model.layers[0].params["weight"][0, 0, 0, 0] += 1.0
-    k, fresh = eng._store_inputs(d)
-    assert fresh is not acts and np.allclose(fresh, model.forward(x, stop=d), rtol=1e-5, atol=1e-6)
+    k, fresh = eng._store_inputs(d)                               # recomputed (into the same memory)
+    assert k == d and np.allclose(fresh, model.forward(x, stop=d), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(fresh, before, rtol=1e-5, atol=1e-6)
