@@ -10,6 +10,7 @@ gradients of a scalar loss with respect to the inputs, given ``dout`` = dL/d(out
 """
 
 import contextlib
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ import numpy as np
 from ._checks import check_float, check_ndim
 from .backend import get_array_module
 
-CONV_BLOCK_BYTES = 1 << 19     # conv2d on the CPU: the size of one block of the patch matrix (see conv2d)
+CONV_BLOCK_BYTES = 1 << 20     # conv2d on the CPU: the size of one block of the patch matrix (see conv2d)
 CONV_THREADS = None            # conv2d on the CPU: threads sharing the images; None: one per usable core
 
 # --------------------------------------------------------------------------- helpers
@@ -187,13 +188,13 @@ def conv2d_from(fill, x_shape, W, b=None, stride=1, padding=0, dtype=np.float32,
                          f"{(N, OH, OW, C_out)}, got {out.dtype.name} {out.shape}")
     block = max(1, CONV_BLOCK_BYTES // (OH * OW * Wm.shape[0] * np.dtype(dtype).itemsize))
     bias = None if b is None else np.asarray(b, dtype=dtype)
-    _run_split(N, block, lambda s, e: _conv_images(fill, s, e, x_shape, Wm, out, KH, KW, stride, padding, block,
-                                                   bias, relu))
+    _run_split(N, block, lambda blocks: _conv_images(fill, blocks, x_shape, Wm, out, KH, KW, stride, padding,
+                                                     min(block, N), bias, relu))
     return out.transpose(0, 3, 1, 2)
 
 
-def _conv_images(fill, start, stop, x_shape, Wm, out, KH, KW, stride, padding, block, bias=None, relu=False):
-    """Images start..stop-1 of conv2d_from into out (N, OH, OW, C_out), a block of images at a time.
+def _conv_images(fill, blocks, x_shape, Wm, out, KH, KW, stride, padding, n, bias=None, relu=False):
+    """The blocks of images (start, stop) of conv2d_from into out (N, OH, OW, C_out); n: the largest block.
 
     Per block: fill() lays the images out padded and channels-last in a small buffer, their patch matrix
     (im2col, see ``_patches``) is copied from it, and one matrix product writes the block's outputs.
@@ -204,7 +205,6 @@ def _conv_images(fill, start, stop, x_shape, Wm, out, KH, KW, stride, padding, b
     (sh, sw), (ph, pw) = _pair(stride, "stride"), _pair(padding, "padding")
     K, C_out = Wm.shape
     OH, OW = out.shape[1:3]
-    n = min(block, stop - start)
     xh = _thread_buffer("pad", (n, H + 2 * ph, W + 2 * pw, C), out.dtype, zero=True)
     # With few input channels a patch row is a few numbers long and copying it row by row is slow:
     # then the matrix is built transposed, one kernel tap at a time (rows of n*OH*OW numbers).
@@ -215,9 +215,22 @@ def _conv_images(fill, start, stop, x_shape, Wm, out, KH, KW, stride, padding, b
         col = _thread_buffer("col", (n, OH, OW, KH, KW * C), out.dtype)
         st = xh.strides
         patches = _as_strided(xh, col.shape, (st[0], st[1] * sh, st[2] * sw, st[1], st[3]))
-    for s in range(start, stop, block):
-        m = min(block, stop - s)
-        fill(xh[:m, ph:ph + H, pw:pw + W, :], s, s + m)
+        full = col.reshape(-1, K)                          # the views of a whole block, made once
+    inner = xh[:, ph:ph + H, pw:pw + W, :]
+    out2 = out.reshape(-1, C_out)
+    rows = OH * OW
+    for s, e in blocks:
+        m = e - s
+        fill(inner if m == n else inner[:m], s, e)
+        if not by_tap and m == n:                          # a whole block: no new views
+            col[...] = patches
+            o = out2[s * rows:e * rows]
+            np.matmul(full, Wm, out=o)
+            if bias is not None:
+                o += bias
+            if relu:
+                np.maximum(o, 0, out=o)
+            continue
         if by_tap:
             A = colT[:, :m * OH * OW]                      # rows in (kh, kw, c) order, as _weight_matrix
             for ki in range(KH):
@@ -307,25 +320,34 @@ def parallel_cpu():
 
 
 def _run_split(n, block, work):
-    """work(start, stop) over 0..n, split into one contiguous share per thread (whole blocks each), run
-    concurrently; serially outside ``parallel_cpu`` (or with one share or one core)."""
-    shares = min(cpu_threads(), -(-n // block))
-    if shares < 2 or not _pool.get("depth") or getattr(_threads, "inside", False):
-        work(0, n)
+    """work(blocks) over images 0..n-1 in blocks of ``block``: ``blocks`` yields (start, stop) pairs. Inside
+    ``parallel_cpu`` every thread runs work() and the threads claim the next block from a shared counter
+    (a thread slowed down by something else takes fewer); serially otherwise."""
+    count = -(-n // block)
+    threads = min(cpu_threads(), count)
+    if threads < 2 or not _pool.get("depth") or getattr(_threads, "inside", False):
+        work((s, min(n, s + block)) for s in range(0, n, block))
         return
-    blocks = -(-n // block)
-    cuts = [min(n, (blocks * k // shares) * block) for k in range(shares + 1)]
-    if shares not in _pool:
-        _pool[shares] = ThreadPoolExecutor(shares - 1, thread_name_prefix="rso_np")
+    counter = itertools.count()                            # next() on it is atomic: one block per claim
 
-    def inside(s, e):
+    def claims():
+        for k in counter:
+            if k >= count:
+                return
+            yield k * block, min(n, (k + 1) * block)
+
+    def inside():
         _threads.inside = True
-        work(s, e)
+        work(claims())
 
-    futures = [_pool[shares].submit(inside, cuts[k], cuts[k + 1]) for k in range(1, shares)]
+    if threads not in _pool:
+        _pool[threads] = ThreadPoolExecutor(threads - 1, thread_name_prefix="rso_np")
+    futures = [_pool[threads].submit(inside) for _ in range(threads - 1)]
+    _threads.inside = True                                 # a nested conv2d in fill() runs serially
     try:
-        work(cuts[0], cuts[1])                             # the calling thread takes the first share
+        work(claims())                                     # the calling thread claims blocks too
     finally:
+        _threads.inside = False
         for f in futures:
             f.result()
 
