@@ -2,7 +2,9 @@
 
     python benchmarks/bench_conv.py [--device cpu|gpu]
 
-Prints one JSON object. Both kernels of the ratio are timed in the same run.
+Prints one JSON object. Both kernels of each ratio are timed in the same run. On the CPU the large
+shapes are timed twice: serially, and inside ``functional.parallel_cpu()`` (every core takes a share of
+the images, as the RSO engines run), with the ratio of the two.
 """
 
 import argparse
@@ -43,10 +45,18 @@ def main(argv=None):
     res["small"] = {"shape": "(8,16,14,14)x(16,16,3,3) pad 1", "conv2d_s": t_fast, "conv2d_naive_s": t_naive,
                     "speedup": t_naive / t_fast}
 
-    x = xp.asarray(rng.standard_normal((256, 16, 28, 28)).astype(np.float32))
-    t = best_time(lambda: F.conv2d(x, W, padding=1), xp, args.repeat)
-    flops = 2 * 256 * 16 * 28 * 28 * 16 * 9
-    res["large"] = {"shape": "(256,16,28,28)x(16,16,3,3) pad 1", "conv2d_s": t, "gflops": flops / t / 1e9}
+    for name, c_in in (("large", 16), ("large_one_channel", 1)):
+        x = xp.asarray(rng.standard_normal((256, c_in, 28, 28)).astype(np.float32))
+        Wl = xp.asarray(rng.standard_normal((16, c_in, 3, 3)).astype(np.float32))
+        flops = 2 * 256 * 16 * 28 * 28 * c_in * 9
+        t = best_time(lambda: F.conv2d(x, Wl, padding=1), xp, args.repeat)
+        r = {"shape": f"(256,{c_in},28,28)x(16,{c_in},3,3) pad 1", "conv2d_s": t, "gflops": flops / t / 1e9}
+        if args.device == "cpu":
+            with F.parallel_cpu():
+                tp = best_time(lambda: F.conv2d(x, Wl, padding=1), xp, args.repeat)
+            r.update({"threads": F.cpu_threads(), "parallel_cpu_s": tp, "parallel_cpu_gflops": flops / tp / 1e9,
+                      "parallel_cpu_speedup": t / tp})
+        res[name] = r
     print(json.dumps(res, indent=1))
 
 

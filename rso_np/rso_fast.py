@@ -26,6 +26,10 @@ about the network that change no decision (see the paper notes, "Cost, and where
 6. Decisions stay on the device: all draws of a layer are made up front on the host (the same calls, in
    the same order, as the literal engine), the candidates, the choice and the weight update are device
    operations, so a GPU run does not wait for the host on every trial.
+7. On the CPU, fewer passes over memory: the minibatch gather, a ReLU before a convolution and the
+   candidates' y + dy are done while the convolution copies its input into its buffer (``Staged``,
+   ``functional.conv2d_from``), and a layer's trial arrays are kept from one trial to the next
+   (``Workspace``). The store pass writes conv + ReLU straight into the stored inputs.
 
 The three candidate values are rounded to float32 exactly as in ``rso.candidates``; the channel delta is
 their float32 difference from the current weight. Results agree with the literal engine up to float
