@@ -215,35 +215,29 @@ def _conv_images(fill, blocks, x_shape, Wm, out, KH, KW, stride, padding, n, bia
         col = _thread_buffer("col", (n, OH, OW, KH, KW * C), out.dtype)
         st = xh.strides
         patches = _as_strided(xh, col.shape, (st[0], st[1] * sh, st[2] * sw, st[1], st[3]))
-        full = col.reshape(-1, K)                          # the views of a whole block, made once
+        full = col.reshape(-1, K)                          # a whole block's matrix, a view made once
     inner = xh[:, ph:ph + H, pw:pw + W, :]
     out2 = out.reshape(-1, C_out)
-    rows = OH * OW
+    rows = OH * OW                                         # output pixels (matrix rows) per image
     for s, e in blocks:
         m = e - s
         fill(inner if m == n else inner[:m], s, e)
-        if not by_tap and m == n:                          # a whole block: no new views
-            col[...] = patches
-            o = out2[s * rows:e * rows]
-            np.matmul(full, Wm, out=o)
-            if bias is not None:
-                o += bias
-            if relu:
-                np.maximum(o, 0, out=o)
-            continue
         if by_tap:
-            A = colT[:, :m * OH * OW]                      # rows in (kh, kw, c) order, as _weight_matrix
+            A = colT[:, :m * rows]                         # rows in (kh, kw, c) order, as _weight_matrix
             for ki in range(KH):
                 for kj in range(KW):
                     t = (ki * KW + kj) * C
                     A[t:t + C].reshape(C, m, OH, OW)[...] = \
                         xh[:m, ki:ki + sh * OH:sh, kj:kj + sw * OW:sw].transpose(3, 0, 1, 2)
             A = A.T
-        else:
+        elif m == n:
+            col[...] = patches
+            A = full
+        else:                                              # the last, partial block
             col[:m] = patches[:m]
             A = col[:m].reshape(-1, K)
-        o = out[s:s + m]
-        np.matmul(A, Wm, out=o.reshape(-1, C_out))
+        o = out2[s * rows:e * rows]
+        np.matmul(A, Wm, out=o)
         if bias is not None:
             o += bias
         if relu:
@@ -252,8 +246,10 @@ def _conv_images(fill, blocks, x_shape, Wm, out, KH, KW, stride, padding, n, bia
 
 # --------------------------------------------------------------------------- CPU threads
 
-_threads = threading.local()     # .inside: this thread is one of the pool's; .buffers: see _thread_buffer
-_pool = {}
+_threads = threading.local()     # .inside: this thread works for a split; .buffers: see _thread_buffer
+_executors = {}                  # thread count -> ThreadPoolExecutor (the calling thread is the other one)
+_parallel = {"depth": 0}         # parallel_cpu contexts entered (0: conv2d runs serially)
+_blas = []                       # [threadpoolctl controller or None], made on first use
 
 
 def _thread_buffer(name, shape, dtype, zero=False):
@@ -282,13 +278,13 @@ def cpu_threads():
 
 def _blas_controller():
     """threadpoolctl's controller of the loaded BLAS libraries, or None without threadpoolctl."""
-    if "blas" not in _pool:
+    if not _blas:
         try:
             from threadpoolctl import ThreadpoolController
-            _pool["blas"] = ThreadpoolController()
+            _blas.append(ThreadpoolController())
         except ImportError:
-            _pool["blas"] = None
-    return _pool["blas"]
+            _blas.append(None)
+    return _blas[0]
 
 
 @contextlib.contextmanager
@@ -300,23 +296,23 @@ def parallel_cpu():
     images one BLAS thread is faster than several. The RSO engines search inside it. It may be nested;
     the outermost one restores BLAS's thread count.
     """
-    if _pool.get("depth"):                               # nested: the outer context has set things up
-        _pool["depth"] += 1
+    if _parallel["depth"]:                               # nested: the outer context has set things up
+        _parallel["depth"] += 1
         try:
             yield
         finally:
-            _pool["depth"] -= 1
+            _parallel["depth"] -= 1
         return
     ctl = _blas_controller() if cpu_threads() > 1 else None
     if ctl is None:
         yield
         return
     with ctl.limit(limits=1, user_api="blas"):
-        _pool["depth"] = 1
+        _parallel["depth"] = 1
         try:
             yield
         finally:
-            _pool["depth"] = 0
+            _parallel["depth"] = 0
 
 
 def _run_split(n, block, work):
@@ -325,7 +321,7 @@ def _run_split(n, block, work):
     (a thread slowed down by something else takes fewer); serially otherwise."""
     count = -(-n // block)
     threads = min(cpu_threads(), count)
-    if threads < 2 or not _pool.get("depth") or getattr(_threads, "inside", False):
+    if threads < 2 or not _parallel["depth"] or getattr(_threads, "inside", False):
         work((s, min(n, s + block)) for s in range(0, n, block))
         return
     counter = itertools.count()                            # next() on it is atomic: one block per claim
@@ -340,9 +336,9 @@ def _run_split(n, block, work):
         _threads.inside = True
         work(claims())
 
-    if threads not in _pool:
-        _pool[threads] = ThreadPoolExecutor(threads - 1, thread_name_prefix="rso_np")
-    futures = [_pool[threads].submit(inside) for _ in range(threads - 1)]
+    if threads not in _executors:
+        _executors[threads] = ThreadPoolExecutor(threads - 1, thread_name_prefix="rso_np")
+    futures = [_executors[threads].submit(inside) for _ in range(threads - 1)]
     _threads.inside = True                                 # a nested conv2d in fill() runs serially
     try:
         work(claims())                                     # the calling thread claims blocks too

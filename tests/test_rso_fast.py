@@ -87,6 +87,13 @@ def test_fast_matches_literal(xp, monkeypatch, build, size, cfg):
     compare(xp, build, size, monkeypatch=monkeypatch, **cfg)
 
 
+def test_fast_matches_literal_small_blocks(monkeypatch):
+    """Blocks of a few images, so that every convolution is split between threads (as at full size)."""
+    monkeypatch.setattr(F, "CONV_BLOCK_BYTES", 16 << 10)
+    monkeypatch.setattr(F, "CONV_THREADS", 3)
+    compare(np, lambda: paper_mnist(channels=4), 14, monkeypatch=monkeypatch)
+
+
 def test_fast_matches_literal_two_rounds_unstaged(monkeypatch):
     """The path without staged inputs (STAGED = False, as on a GPU) makes the same decisions too, and a
     second round (stored inputs recomputed into the memory of the first) still matches."""
