@@ -192,10 +192,10 @@ def conv_global_avg(x, W, b=None, stride=1, padding=0, ws=None, key=None):
     for k in range(KW):
         cols[_tap_slice(k, stride, padding, OW, Wd), k] = 1
     if x.transpose(0, 2, 3, 1).flags.c_contiguous:        # channels-last in memory: flatten as (h, w, c)
-        W_eff = xp.einsum("ocij,hi,wj->hwco", W, rows, cols, optimize=True) / (OH * OW)
+        W_eff = xp.einsum("ocij,hi,wj->hwco", W, rows, cols, optimize=xp is np) / (OH * OW)
         x = x.transpose(0, 2, 3, 1)
     else:
-        W_eff = xp.einsum("ocij,hi,wj->chwo", W, rows, cols, optimize=True) / (OH * OW)
+        W_eff = xp.einsum("ocij,hi,wj->chwo", W, rows, cols, optimize=xp is np) / (OH * OW)
     out = x.reshape(N, -1) @ W_eff.reshape(-1, C_out)
     return out + b if b is not None else out
 
