@@ -78,9 +78,14 @@ def _patches(x, KH, KW, stride, padding):
     OH, OW = _conv_geometry(x.shape, KH, KW, stride, padding)
     xh = xp.zeros((N, H + 2 * ph, W + 2 * pw, C), dtype=x.dtype)
     xh[:, ph:ph + H, pw:pw + W, :] = x.transpose(0, 2, 3, 1)
+    return _patch_view(xh, OH, OW, KH, KW, sh, sw), (OH, OW)
+
+
+def _patch_view(xh, OH, OW, KH, KW, sh, sw):
+    """The patches of a padded NHWC array xh as a strided view (N, OH, OW, KH, KW*C):
+    patches[n, oh, ow, kh, kw*C + c] = xh[n, oh*sh + kh, ow*sw + kw, c]."""
     s = xh.strides
-    # patches[n, oh, ow, kh, kw*C + c] = xh[n, oh*sh + kh, ow*sw + kw, c]
-    return _as_strided(xh, (N, OH, OW, KH, KW * C), (s[0], s[1] * sh, s[2] * sw, s[1], s[3])), (OH, OW)
+    return _as_strided(xh, (xh.shape[0], OH, OW, KH, KW * xh.shape[3]), (s[0], s[1] * sh, s[2] * sw, s[1], s[3]))
 
 
 def im2col(x, KH, KW, stride=1, padding=0):
@@ -124,13 +129,17 @@ def _weight_matrix(W):
 # --------------------------------------------------------------------------- convolution
 
 
+def _check_channels(x_shape, W):
+    if W.shape[1] != x_shape[1]:
+        raise ValueError(f"x has {x_shape[1]} channels but W expects C_in={W.shape[1]} "
+                         f"(x shape {tuple(x_shape)}, W shape {W.shape})")
+
+
 def _check_conv(x, W, b):
     _check_x(x)
     check_float("W", W)
     check_ndim("W", W, 4, "(C_out, C_in, KH, KW)")
-    if W.shape[1] != x.shape[1]:
-        raise ValueError(f"x has {x.shape[1]} channels but W expects C_in={W.shape[1]} "
-                         f"(x shape {x.shape}, W shape {W.shape})")
+    _check_channels(x.shape, W)
     if b is not None and tuple(b.shape) != (W.shape[0],):
         raise ValueError(f"b must have shape ({W.shape[0]},), got {tuple(b.shape)}")
 
@@ -176,9 +185,7 @@ def conv2d_from(fill, x_shape, W, b=None, stride=1, padding=0, dtype=np.float32,
     """
     N = x_shape[0]
     C_out, _, KH, KW = W.shape
-    if W.shape[1] != x_shape[1]:
-        raise ValueError(f"x has {x_shape[1]} channels but W expects C_in={W.shape[1]} "
-                         f"(x shape {tuple(x_shape)}, W shape {W.shape})")
+    _check_channels(x_shape, W)
     Wm = np.ascontiguousarray(_weight_matrix(W).T)         # (KH*KW*C_in, C_out)
     OH, OW = _conv_geometry(x_shape, KH, KW, stride, padding)
     if out is None:
@@ -213,8 +220,7 @@ def _conv_images(fill, blocks, x_shape, Wm, out, KH, KW, stride, padding, n, bia
         colT = _thread_buffer("colT", (K, n * OH * OW), out.dtype)
     else:
         col = _thread_buffer("col", (n, OH, OW, KH, KW * C), out.dtype)
-        st = xh.strides
-        patches = _as_strided(xh, col.shape, (st[0], st[1] * sh, st[2] * sw, st[1], st[3]))
+        patches = _patch_view(xh, OH, OW, KH, KW, sh, sw)
         full = col.reshape(-1, K)                          # a whole block's matrix, a view made once
     inner = xh[:, ph:ph + H, pw:pw + W, :]
     out2 = out.reshape(-1, C_out)
