@@ -109,8 +109,8 @@ class Workspace:
         return a
 
 
-def _take(ws, key, shape, dtype, zero=False):
-    return None if ws is None else ws.get(key, shape, dtype, zero)
+def _take(ws, key, shape, dtype):
+    return None if ws is None else ws.get(key, shape, dtype)
 
 
 def staged_relu(x):
