@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 from rso_np.backend import get_xp, synchronize, to_numpy
-from rso_np.functional import parallel_cpu
+from rso_np.fast_kernels import parallel_cpu
 from rso_np.layers import AvgPool2d, BatchNorm2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, MaxPool2d, ReLU
 from rso_np.models import build_model
 from rso_np.rso import RSO, RSOConfig

@@ -40,3 +40,30 @@ def check_labels(name, labels, n, num_classes):
         if lo < 0 or hi >= num_classes:
             bad = lo if lo < 0 else hi
             raise ValueError(f"{name} must lie in [0, {num_classes - 1}], got {bad}")
+
+
+def as_pair(v, name):
+    """An int or a pair of ints (a stride, a padding, a kernel size) as a pair of ints."""
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+def check_channels(x_shape, W):
+    """A convolution's input (N, C_in, H, W) against its weights (C_out, C_in, KH, KW)."""
+    if W.shape[1] != x_shape[1]:
+        raise ValueError(f"x has {x_shape[1]} channels but W expects C_in={W.shape[1]} "
+                         f"(x shape {tuple(x_shape)}, W shape {W.shape})")
+
+
+def check_conv(x, W, b):
+    """The arguments of a convolution: x (N, C_in, H, W), W (C_out, C_in, KH, KW), b (C_out,) or None."""
+    check_float("x", x)
+    check_ndim("x", x, 4, "(N, C, H, W)")
+    check_float("W", W)
+    check_ndim("W", W, 4, "(C_out, C_in, KH, KW)")
+    check_channels(x.shape, W)
+    if b is not None and tuple(b.shape) != (W.shape[0],):
+        raise ValueError(f"b must have shape ({W.shape[0]},), got {tuple(b.shape)}")

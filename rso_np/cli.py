@@ -2,13 +2,13 @@
 
 import argparse
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
 from .backend import DeviceError
 from .data import DATASETS
 from .models import MODELS
+from .progress import Progress
 from .rso import LAYER_ORDERS, SIGMA_SCHEDULES, RSOConfig
 from .sgd import SGDConfig
 
@@ -87,7 +87,8 @@ def build_parser():
                         "(--rounds/--epochs may raise the total)")
     g.add_argument("--stop-after", type=positive_int, metavar="N",
                    help="stop after N rounds/epochs of this invocation (continue later with --resume)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar inside rounds")
+    g.add_argument("--no-progress", action="store_true", help="no progress inside rounds (default: a bar with trials per second, time left and "
+                        "the layer searched; a line a minute when stderr is a file)")
     g = t.add_argument_group("RSO options (defaults: see rso_np/rso.py RSOConfig)")
     g.add_argument("--engine", choices=("fast", "literal"), default="fast",
                    help="fast (exact shortcuts, same decisions; default) or literal (Algorithm 1 line by line)")
@@ -139,40 +140,6 @@ def run_config(args):
                      eval_train_limit=args.eval_train_limit, rso=rso_cfg.to_dict(), sgd=sgd_cfg.to_dict())
 
 
-class ProgressBar:
-    """Progress inside a round, on stderr. On a terminal: a one-line bar redrawn at most every 0.2 s.
-    Otherwise (a run in the background, logged to a file): one plain line every ``log_every`` seconds."""
-
-    def __init__(self, stream=sys.stderr, width=30, log_every=60.0):
-        self.stream, self.width = stream, width
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
-        self.interval = 0.2 if self.tty else float(log_every)
-        self.start, self.last = None, 0.0
-
-    def __call__(self, done, total, what):
-        now = time.perf_counter()
-        if self.start is None or done == 1:
-            self.start = now
-            if not self.tty:
-                self.last = now
-        if done < total and now - self.last < self.interval:
-            return
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        eta = (total - done) / rate if rate > 0 else 0
-        if not self.tty:
-            if done < total:
-                self.stream.write(f"  {done}/{total} trials ({done / total:.0%}), {what}, {rate:.1f}/s, "
-                                  f"eta {eta:.0f}s\n")
-                self.stream.flush()
-            return
-        bar = "#" * int(done / total * self.width)
-        end = "\n" if done == total else ""
-        self.stream.write(f"\r  [{bar:<{self.width}}] {done}/{total} {what:<14} {rate:7.1f}/s  eta {eta:6.0f}s{end}"
-                          if done < total else f"\r{' ' * (self.width + 60)}\r")
-        self.stream.flush()
-
-
 def cmd_train(args):
     from .training import Trainer
     if args.resume and not args.out:
@@ -180,8 +147,9 @@ def cmd_train(args):
     cfg = run_config(args)
     out = args.out or str(Path("runs") / f"{cfg.optimizer}-{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}")
     show = not args.no_progress
+    unit = "trial" if cfg.optimizer == "rso" else "step"
     trainer = Trainer(cfg, out, device=args.device, data_dir=args.data_dir, resume=args.resume,
-                      log=lambda s: print(s, flush=True), progress=ProgressBar() if show else None)
+                      log=lambda s: print(s, flush=True), progress=Progress(unit=unit) if show else None)
     c = trainer.config
     engine = f" ({c.engine} engine)" if c.optimizer == "rso" else ""
     print(f"{c.optimizer.upper()}{engine} on {c.dataset} ({trainer.x_train.shape[0]} train / {trainer.x_test.shape[0]} "

@@ -8,6 +8,7 @@ arrays a layer holds are the arrays the optimiser sees.
 
 import numpy as np
 
+from . import fast_kernels
 from . import functional as F
 from .backend import to_device
 
@@ -71,7 +72,8 @@ class Conv2d(Layer):
 
     def forward(self, x):
         self._x = x
-        return F.conv2d(x, self.params["weight"], self.params.get("bias"), self.stride, self.padding)
+        # functional.conv2d's numbers; on the CPU a few images at a time, on every core (fast_kernels)
+        return fast_kernels.conv2d(x, self.params["weight"], self.params.get("bias"), self.stride, self.padding)
 
     def backward(self, dout):
         dx, dW, db = F.conv2d_backward(dout, self._x, self.params["weight"], self.params.get("bias"),

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import functional as F
+from .fast_kernels import parallel_cpu
 from .backend import get_array_module, to_numpy
 from .layers import BatchNorm2d
 from .losses import logit_cross_entropy
@@ -201,7 +201,7 @@ class RSO:
         self._done, self._total = 0, self.num_trials()
         for unit in self.units:                                 # line 5: d = D down to 1
             sigma = sigma_at_round(unit.sigma, c, self.rounds, self.config.sigma_schedule)
-            with F.parallel_cpu():                              # conv2d on every CPU core (same numbers)
+            with parallel_cpu():                                # conv2d on every CPU core (same numbers)
                 picked = self.search_unit(unit, sigma)
             choices[unit.name] = picked
             counts[unit.name] = [int((picked == PLUS).sum()), int((picked == KEEP).sum()),

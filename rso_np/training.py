@@ -21,7 +21,7 @@ import numpy as np
 from ._io import atomic_write_text
 from .backend import get_xp, synchronize, to_device
 from .data import load_dataset
-from .functional import parallel_cpu
+from .fast_kernels import parallel_cpu
 from .losses import accuracy, logit_cross_entropy
 from .model import CheckpointError, read_npz
 from .models import build_model

@@ -204,33 +204,41 @@ def test_plot_bad_run_folder(capsys, tmp_path):
 
 
 def test_progress_bar_draws_and_clears():
+    """On a terminal: a tqdm bar with the count, the layer searched, trials per second and the time left,
+    redrawn in place and cleared after the round's last trial."""
     import io
-    from rso_np.cli import ProgressBar
+    from rso_np.progress import Progress
 
     class Terminal(io.StringIO):
         def isatty(self):
             return True
     buf = Terminal()
-    bar = ProgressBar(stream=buf, width=10)
+    bar = Progress(stream=buf)
     bar(1, 4, "fc.weight")
-    bar(2, 4, "fc.weight")          # within 0.2 s of the last draw: skipped
-    bar(4, 4, "conv1.weight")       # the last one always draws (and clears the line)
+    bar(4, 4, "conv1.weight")       # the last one closes the bar (and clears the line)
+    assert bar.bar is None
     text = buf.getvalue()
-    assert "1/4 fc.weight" in text and "2/4" not in text
-    assert text.endswith("\r")
+    assert "fc.weight" in text and "0/4" in text and "trial/s" in text and "\r" in text
+    assert text.rstrip(" ").endswith("\r")
+    bar(1, 3, "conv6.weight")       # the next round opens a new bar
+    assert bar.bar is not None and bar.bar.total == 3
 
 
 def test_progress_lines_in_a_log(monkeypatch):
     """Written to a file (a background run), progress is a plain line now and then, never a bar."""
     import io
-    from rso_np import cli
-    clock = iter([0.0, 10.0, 61.0, 62.0, 200.0])
-    monkeypatch.setattr(cli.time, "perf_counter", lambda: next(clock))
+
+    import tqdm.std
+    from rso_np.progress import Progress
+    now = [0.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: now[0])
     buf = io.StringIO()
-    bar = cli.ProgressBar(stream=buf, log_every=60)
-    for done in (1, 2, 3, 4):
+    bar = Progress(stream=buf, log_every=60)
+    for t, done in ((1.0, 1), (10.0, 2), (61.0, 3), (62.0, 4)):
+        now[0] = t
         bar(done, 10, "conv2.weight")
+    now[0] = 200.0
     bar(10, 10, "conv1.weight")
-    lines = buf.getvalue().splitlines()
-    assert lines == ["  3/10 trials (30%), conv2.weight, 0.0/s, eta 142s"], buf.getvalue()
-    assert "\r" not in buf.getvalue()
+    lines = buf.getvalue().splitlines()          # after 61 s, and at the end (138 s after the last line)
+    assert lines == ["  3/10 trials (30%), conv2.weight, 20.00s/trial, 02:20 left",
+                     "  10/10 trials (100%), conv1.weight, 19.89s/trial, 00:00 left"], buf.getvalue()

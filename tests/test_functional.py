@@ -37,14 +37,23 @@ CONV_CASES = [  # N, C_in, H, W, C_out, K, stride, padding
 ]
 
 
-@pytest.mark.parametrize("case", CONV_CASES)
-@pytest.mark.parametrize("bias", [False, True])
-def test_conv2d_vs_naive_and_scipy(xp, case, bias, rng):
+def conv_arrays(case, bias, rng):
+    """(x, W, b or None, stride, padding) of a CONV_CASES case, float32 on the host."""
     N, C, H, W_, O, K, s, p = case
     x = rng.standard_normal((N, C, H, W_)).astype(np.float32)
     W = rng.standard_normal((O, C, K, K)).astype(np.float32)
-    b = rng.standard_normal(O).astype(np.float32) if bias else None
-    out = F.conv2d(xp.asarray(x), xp.asarray(W), None if b is None else xp.asarray(b), s, p)
+    return x, W, (rng.standard_normal(O).astype(np.float32) if bias else None), s, p
+
+
+def on(xp, x, W, b, s, p):
+    return xp.asarray(x), xp.asarray(W), None if b is None else xp.asarray(b), s, p
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv2d_vs_naive_and_scipy(xp, case, bias, rng):
+    x, W, b, s, p = conv_arrays(case, bias, rng)
+    out = F.conv2d(*on(xp, x, W, b, s, p))
     assert get_array_module(out) is xp and out.dtype == xp.float32
     ref = conv_scipy(x, W, b, s, p)
     assert out.shape == ref.shape
@@ -52,41 +61,6 @@ def test_conv2d_vs_naive_and_scipy(xp, case, bias, rng):
     naive = F.conv2d_naive(x, W, b, s, p)
     assert rel_err(naive, ref) < 1e-5, "conv2d_naive vs scipy.signal.correlate"
     assert rel_err(out, naive) < 1e-5
-
-
-@pytest.mark.parametrize("channels", [1, 3])          # patch matrix built tap by tap / row by row
-@pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("block_images", [1, 2, 3])
-def test_conv2d_in_blocks(block_images, threads, channels, rng, monkeypatch):
-    """On the CPU conv2d multiplies a few images at a time, the threads taking a share of the blocks
-    each: every block and share, the last partial ones included, must match the oracle."""
-    x = rng.standard_normal((7, channels, 9, 8)).astype(np.float32)
-    W = rng.standard_normal((4, channels, 3, 3)).astype(np.float32)
-    b = rng.standard_normal(4).astype(np.float32)
-    per_image = 9 * 8 * 9 * channels * 4                 # OH*OW*KH*KW*C_in float32 numbers
-    monkeypatch.setattr(F, "CONV_BLOCK_BYTES", block_images * per_image)
-    monkeypatch.setattr(F, "CONV_THREADS", threads)
-    with F.parallel_cpu():
-        out = F.conv2d(x, W, b, 1, 1)
-    assert rel_err(out, conv_scipy(x, W, b, 1, 1)) < 1e-5
-
-
-def test_parallel_cpu_sets_blas_to_one_thread_and_back(rng, monkeypatch):
-    """Inside parallel_cpu (nested too) BLAS runs one thread; afterwards it has its own count back."""
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-
-    def blas_threads():
-        return [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
-    before = blas_threads()
-    monkeypatch.setattr(F, "CONV_THREADS", 2)
-    monkeypatch.setattr(F, "CONV_BLOCK_BYTES", 1)
-    x = rng.standard_normal((4, 2, 6, 6)).astype(np.float32)
-    with F.parallel_cpu():
-        assert set(blas_threads()) == {1}
-        with F.parallel_cpu():
-            F.conv2d(x, rng.standard_normal((3, 2, 3, 3)).astype(np.float32), None, 1, 1)
-        assert set(blas_threads()) == {1}
-    assert blas_threads() == before
 
 
 def pool_loops(x, k, s, op):
@@ -147,11 +121,14 @@ def test_batch_norm_vs_formula(xp, rng):
     assert rel_err(out2, ref2) < 1e-5
 
 
-@pytest.mark.parametrize("bad,match", [
+BAD_CONV_INPUTS = [   # an input for W (4, 3, 3, 3), and the error it must raise
     (np.zeros((2, 3, 4), np.float32), r"x must have 4 dimensions \(N, C, H, W\), got shape \(2, 3, 4\)"),
     (np.zeros((2, 2, 5, 5), np.float32), r"x has 2 channels but W expects C_in=3"),
     (np.zeros((2, 3, 5, 5), np.int64), r"x must be a floating-point array .* got dtype int64"),
-])
+]
+
+
+@pytest.mark.parametrize("bad,match", BAD_CONV_INPUTS)
 def test_conv2d_bad_input(bad, match):
     with pytest.raises(ValueError, match=match):
         F.conv2d(bad, np.zeros((4, 3, 3, 3), np.float32))

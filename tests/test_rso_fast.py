@@ -9,7 +9,7 @@ The losses the fast engine computes through its shortcuts must match the literal
 import numpy as np
 import pytest
 
-from rso_np import functional as F
+from rso_np import fast_kernels
 from rso_np import rso_fast
 from rso_np.backend import to_numpy
 from rso_np.models import paper_mnist, small_mnist
@@ -89,8 +89,8 @@ def test_fast_matches_literal(xp, monkeypatch, build, size, cfg):
 
 def test_fast_matches_literal_small_blocks(monkeypatch):
     """Blocks of a few images, so that every convolution is split between threads (as at full size)."""
-    monkeypatch.setattr(F, "CONV_BLOCK_BYTES", 16 << 10)
-    monkeypatch.setattr(F, "CONV_THREADS", 3)
+    monkeypatch.setattr(fast_kernels, "CONV_BLOCK_BYTES", 16 << 10)
+    monkeypatch.setattr(fast_kernels, "CONV_THREADS", 3)
     compare(np, lambda: paper_mnist(channels=4), 14, monkeypatch=monkeypatch)
 
 
@@ -99,46 +99,6 @@ def test_fast_matches_literal_two_rounds_unstaged(monkeypatch):
     second round (stored inputs recomputed into the memory of the first) still matches."""
     monkeypatch.setattr(rso_fast, "STAGED", False)
     compare(np, lambda: paper_mnist(channels=4), 14, rounds=2, monkeypatch=monkeypatch)
-
-
-def test_staged_inputs_equal_their_arrays():
-    """Each Staged batch, filled over blocks that split it anywhere, equals the array it stands for."""
-    rng = np.random.default_rng(2)
-    acts = rso_fast._empty_like_activation(np, (20, 3, 5, 4), np.float32)
-    acts[...] = rng.standard_normal(acts.shape)
-    rows = rng.permutation(20)[:7]
-    y = rng.standard_normal((7, 3, 5, 4)).astype(np.float32)
-    dy = rng.standard_normal((14, 3, 5, 4)).astype(np.float32)
-    into = np.zeros((7, 5, 4), np.float32)
-    cases = [
-        (rso_fast.staged_rows(acts, rows, 1, into), acts[rows]),
-        (rso_fast.staged_relu(y), np.maximum(y, 0)),
-        (rso_fast.staged_candidates(y, dy, False), np.concatenate([y + dy[:7], y, y + dy[7:]])),
-        (rso_fast.staged_candidates(y, dy, True), np.maximum(np.concatenate([y + dy[:7], y, y + dy[7:]]), 0)),
-    ]
-    for staged, ref in cases:
-        assert staged.shape == ref.shape
-        assert np.array_equal(staged.array(), ref)
-        N, C, H, W = ref.shape
-        got = np.empty((N, H, W, C), np.float32)
-        cuts = [0, 2, 3, 8, 13, N] if N > 13 else [0, 2, 3, N]
-        for s, e in zip(cuts[:-1], cuts[1:]):                 # blocks across the candidates' borders
-            staged.fill(got[s:e], s, e)
-        assert np.array_equal(got.transpose(0, 3, 1, 2), ref)
-    assert np.array_equal(into, acts[rows, 1])                # the channel copied on the side
-
-
-def test_conv2d_from_out_bias_relu():
-    """conv2d_from with a bias, ReLU and an output array: relu(conv2d(x) + b), written into out."""
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((6, 3, 7, 7)).astype(np.float32)
-    W, b = rng.standard_normal((5, 3, 3, 3)).astype(np.float32), rng.standard_normal(5).astype(np.float32)
-    out = np.empty((6, 4, 4, 5), np.float32)
-    got = F.conv2d_from(lambda dst, s, e: F._copy_nhwc(x, s, e, dst), x.shape, W, b, 2, 1, out=out, relu=True)
-    ref = np.maximum(F.conv2d_naive(x.astype(np.float64), W, b, 2, 1), 0)
-    assert np.shares_memory(got, out) and np.abs(got - ref).max() < 1e-5
-    with pytest.raises(ValueError, match="out must be a C-contiguous float32 array of shape"):
-        F.conv2d_from(lambda dst, s, e: None, x.shape, W, b, 1, 1, out=out)
 
 
 def test_fast_matches_literal_unforced_small():
@@ -173,32 +133,6 @@ def test_prefix_cache_fallback_is_exact():
 def test_fast_matches_literal_full_paper_mnist(monkeypatch, bn):
     compare(np, lambda: paper_mnist(batch_norm=bn), 14, n=200, batch=8, monkeypatch=monkeypatch,
             weight_decay=1e-4 if bn else 0.0)
-
-
-@pytest.mark.parametrize("shape,k,stride,padding", [
-    ((5, 3, 7, 7), 3, 1, 1), ((4, 2, 9, 8), 3, 2, 1), ((3, 2, 10, 11), 5, 3, 2), ((2, 2, 6, 7), 2, 1, 0)])
-def test_conv_global_avg_vs_loops(shape, k, stride, padding):
-    """Convolution + global average pooling folded into one product, against the plain-loop convolution."""
-    rng = np.random.default_rng(0)
-    x, W, b = rng.standard_normal(shape), rng.standard_normal((4, shape[1], k, k)), rng.standard_normal(4)
-    ref = F.conv2d_naive(x, W, b, stride, padding).mean(axis=(2, 3))
-    assert np.abs(rso_fast.conv_global_avg(x, W, b, stride, padding) - ref).max() < 1e-12
-
-
-@pytest.mark.parametrize("shape,k,padding,pool,pool_stride", [
-    ((3, 4, 14, 14), 3, 1, 2, None), ((2, 3, 9, 11), 3, 1, 2, None), ((2, 2, 10, 9), 3, 0, 3, 2),
-    ((2, 2, 8, 8), 5, 2, 2, 1)])
-def test_conv_avg_pool_vs_loops(shape, k, padding, pool, pool_stride):
-    """Convolution + average pooling as one strided convolution, against plain loops for both steps."""
-    rng = np.random.default_rng(1)
-    x, W, b = rng.standard_normal(shape), rng.standard_normal((3, shape[1], k, k)), rng.standard_normal(3)
-    conv = F.conv2d_naive(x, W, b, 1, padding)
-    ps = pool if pool_stride is None else pool_stride
-    OH, OW = (conv.shape[2] - pool) // ps + 1, (conv.shape[3] - pool) // ps + 1
-    ref = np.array([[[[conv[n, o, i * ps:i * ps + pool, j * ps:j * ps + pool].mean() for j in range(OW)]
-                      for i in range(OH)] for o in range(3)] for n in range(shape[0])])
-    out = rso_fast.conv_avg_pool(x, W, b, padding, pool, pool_stride)
-    assert out.shape == ref.shape and np.abs(out - ref).max() < 1e-12
 
 
 def test_stored_activations_follow_the_weights():

@@ -1,0 +1,397 @@
+"""Fast kernels: reference kernels of ``functional.py`` computed with less work, and what that needs.
+
+Each function here gives the numbers of a reference kernel (up to float rounding, where the sums are
+taken in another order); ``tests/test_fast_kernels.py`` checks every one against that kernel:
+
+==========================================  =========================================================
+here                                        equals
+==========================================  =========================================================
+``conv2d(x, W, b, stride, padding)``        ``functional.conv2d`` (``relu=True``: followed by
+                                            ``functional.relu``); on NumPy a few images at a time,
+                                            on every core inside ``parallel_cpu()``
+``conv_avg_pool(x, W, b, padding, pool)``   ``functional.avg_pool2d(functional.conv2d(...))``
+``conv_global_avg(x, W, b, stride, pad)``   ``functional.global_avg_pool2d(functional.conv2d(...))``
+``Staged`` (``staged_rows``, ``staged_relu``,  the array it stands for (``acts[rows]``, ``relu(y)``,
+``staged_candidates``)                      the 3B batch of candidates)
+==========================================  =========================================================
+
+``parallel_cpu()`` (threads, BLAS at one thread), ``Workspace`` (arrays kept between trials) and the
+per-thread buffers change no number: they decide where work runs and which memory it reuses.
+
+How the code reaches this module: explicitly. ``layers.Conv2d.forward`` calls ``fast_kernels.conv2d``
+and the fast engine calls the folded and staged kernels; ``functional.py`` never calls in here. So the
+reference reads as it runs on a GPU (where ``conv2d`` here is ``functional.conv2d``), and a call goes
+down one way: layer or engine -> this module -> the backend, never back into the reference's helpers
+(this module uses only its public ones: ``conv_geometry``, ``patch_view``, ``weight_matrix``).
+
+Why the CPU convolution is blocked: the full im2col matrix is KH*KW times the input; writing it to
+memory and reading it back costs more than the matrix product itself. A few images at a time keep
+their patch matrix in the cache, and every core takes a share of the blocks.
+"""
+
+import contextlib
+import itertools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from . import functional as F
+from ._checks import as_pair, check_channels, check_conv
+from .backend import get_array_module
+
+CONV_BLOCK_BYTES = 1 << 20     # conv2d on the CPU: the size of one block of the patch matrix
+CONV_THREADS = None            # conv2d on the CPU: threads sharing the images; None: one per usable core
+
+# --------------------------------------------------------------------------- threads and BLAS
+
+_threads = threading.local()     # .inside: this thread works for a split; .buffers: see _thread_buffer
+_executors = {}                  # thread count -> ThreadPoolExecutor (the calling thread is the other one)
+_parallel = {"depth": 0}         # parallel_cpu contexts entered (0: conv2d runs serially)
+_blas = []                       # [threadpoolctl controller or None], made on first use
+
+
+def cpu_threads():
+    """How many threads conv2d shares images between on the CPU: ``CONV_THREADS``, else the usable cores."""
+    if CONV_THREADS is not None:
+        return max(1, int(CONV_THREADS))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:                               # no sched_getaffinity (macOS, Windows)
+        return os.cpu_count() or 1
+
+
+def _blas_controller():
+    """threadpoolctl's controller of the loaded BLAS libraries, or None without threadpoolctl."""
+    if not _blas:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _blas.append(ThreadpoolController())
+        except ImportError:
+            _blas.append(None)
+    return _blas[0]
+
+
+@contextlib.contextmanager
+def parallel_cpu():
+    """Within this context, conv2d on the CPU gives each core a share of a batch's images.
+
+    BLAS is set to one thread for the whole context (with threadpoolctl; without it, or with one core,
+    nothing changes): the split is the parallelism, and for the small matrix products of one block of
+    images one BLAS thread is faster than several. The RSO engines search and ``training.evaluate``
+    evaluates inside it. It may be nested; the outermost one restores BLAS's thread count.
+    """
+    if _parallel["depth"]:                               # nested: the outer context has set things up
+        _parallel["depth"] += 1
+        try:
+            yield
+        finally:
+            _parallel["depth"] -= 1
+        return
+    ctl = _blas_controller() if cpu_threads() > 1 else None
+    if ctl is None:
+        yield
+        return
+    with ctl.limit(limits=1, user_api="blas"):
+        _parallel["depth"] = 1
+        try:
+            yield
+        finally:
+            _parallel["depth"] = 0
+
+
+def _thread_buffer(name, shape, dtype, zero=False):
+    """A scratch array of this thread, kept for the next call with the same name, shape and dtype
+    (``zero``: zero-filled when made; whoever uses it keeps the parts it relies on zero)."""
+    bufs = getattr(_threads, "buffers", None)
+    if bufs is None:
+        bufs = _threads.buffers = {}
+    key = (name, shape, np.dtype(dtype).str)
+    if key not in bufs:
+        if len(bufs) >= 32:                              # a few shapes recur in a run; forget the rest
+            bufs.clear()
+        bufs[key] = (np.zeros if zero else np.empty)(shape, dtype=dtype)
+    return bufs[key]
+
+
+def _run_split(n, block, work):
+    """work(blocks) over images 0..n-1 in blocks of ``block``: ``blocks`` yields (start, stop) pairs. Inside
+    ``parallel_cpu`` every thread runs work() and the threads claim the next block from a shared counter
+    (a thread slowed down by something else takes fewer); serially otherwise."""
+    count = -(-n // block)
+    threads = min(cpu_threads(), count)
+    if threads < 2 or not _parallel["depth"] or getattr(_threads, "inside", False):
+        work((s, min(n, s + block)) for s in range(0, n, block))
+        return
+    counter = itertools.count()                            # next() on it is atomic: one block per claim
+
+    def claims():
+        for k in counter:
+            if k >= count:
+                return
+            yield k * block, min(n, (k + 1) * block)
+
+    def inside():
+        _threads.inside = True
+        work(claims())
+
+    if threads not in _executors:
+        _executors[threads] = ThreadPoolExecutor(threads - 1, thread_name_prefix="rso_np")
+    futures = [_executors[threads].submit(inside) for _ in range(threads - 1)]
+    _threads.inside = True                                 # a nested conv2d in fill() runs serially
+    try:
+        work(claims())                                     # the calling thread claims blocks too
+    finally:
+        _threads.inside = False
+        for f in futures:
+            f.result()
+
+
+# --------------------------------------------------------------------------- staged inputs, workspaces
+
+
+class Staged:
+    """A batch (N, C, H, W) on the CPU that is never stored whole: ``fill(dst, s, e)`` writes images
+    s..e-1, channels-last, into dst. ``conv2d`` copies its input into a small buffer a block of images at
+    a time anyway; a gather, a sum or a ReLU done in that copy costs no pass over memory of its own and
+    runs on every core. Same numbers as the array."""
+
+    def __init__(self, fill, shape, dtype):
+        self.fill, self.shape, self.dtype = fill, tuple(shape), np.dtype(dtype)
+
+    def array(self, out=None):
+        """The batch as an (N, C, H, W) array (channels-last in memory; ``out``: (N, H, W, C) to fill)."""
+        N, C, H, W = self.shape
+        x = np.empty((N, H, W, C), dtype=self.dtype) if out is None else out
+        self.fill(x, 0, N)
+        return x.transpose(0, 3, 1, 2)
+
+
+def staged(x):
+    """An (N, C, H, W) NumPy array as a Staged batch (its images copied channels-last)."""
+    src = x.transpose(0, 2, 3, 1)
+
+    def fill(dst, s, e):
+        dst[...] = src[s:e]
+    return Staged(fill, x.shape, x.dtype)
+
+
+def staged_relu(x):
+    """relu(x), applied while a convolution copies x."""
+    src = x.transpose(0, 2, 3, 1)
+    return Staged(lambda dst, s, e: np.maximum(src[s:e], 0, out=dst), x.shape, x.dtype)
+
+
+def staged_rows(acts, rows, channel=None, into=None):
+    """acts[rows] (acts: a stored activation); with ``channel``, the fill also copies that channel of
+    every image into ``into`` (B, H, W), for the channel delta."""
+    src = acts.transpose(0, 2, 3, 1)
+
+    def fill(dst, s, e):
+        for i, r in enumerate(rows[s:e]):                  # an image at a time: faster than np.take here
+            dst[i] = src[r]
+        if channel is not None:
+            into[s:e] = dst[..., channel]
+    return Staged(fill, (len(rows),) + acts.shape[1:], acts.dtype)
+
+
+def staged_candidates(y, dy, relu):
+    """The 3B batch (y + dy[:B], y, y + dy[B:]) of W + dW, W and W - dW, followed by ReLU if ``relu``."""
+    B = y.shape[0]
+    ys, ds = y.transpose(0, 2, 3, 1), dy.transpose(0, 2, 3, 1)
+
+    def fill(dst, s, e):
+        for g in range(s // B, (e - 1) // B + 1):           # the candidates this block of images spans
+            a, b = max(s, g * B), min(e, (g + 1) * B)
+            out = dst[a - s:b - s]
+            if g == 1:
+                out[...] = ys[a - B:b - B]
+            else:                                            # dy rows: g = 0 -> 0..B-1, g = 2 -> B..2B-1
+                np.add(ys[a - g * B:b - g * B], ds[a - g * B + g // 2 * B:b - g * B + g // 2 * B], out=out)
+            if relu:
+                np.maximum(out, 0, out=out)
+    return Staged(fill, (3 * B,) + y.shape[1:], y.dtype)
+
+
+class Workspace:
+    """Arrays kept from one trial to the next, by name (the trials of a layer have the same shapes).
+
+    On the CPU a new large array is paid for again in page faults when it is first written, a good part
+    of a trial's time; reusing them avoids it. ``None`` in place of a workspace: fresh arrays."""
+
+    def __init__(self):
+        self.arrays = {}
+
+    def get(self, key, shape, dtype, zero=False):
+        a = self.arrays.get(key)
+        if a is None or a.shape != tuple(shape) or a.dtype != np.dtype(dtype):
+            a = self.arrays[key] = (np.zeros if zero else np.empty)(shape, dtype=dtype)
+        return a
+
+
+def _take(ws, key, shape, dtype):
+    return None if ws is None else ws.get(key, shape, dtype)
+
+
+# --------------------------------------------------------------------------- convolution
+
+
+def conv2d(x, W, b=None, stride=1, padding=0, out=None, relu=False, ws=None, key=None):
+    """``functional.conv2d(x, W, b, stride, padding)``, followed by ReLU if ``relu``: (N, C_out, OH, OW).
+
+    x: an (N, C_in, H, W) array, or (NumPy) a ``Staged`` batch. ``out``: an (N, OH, OW, C_out) array to
+    write the result into (the result is its NCHW view); ``ws``, ``key``: a ``Workspace`` and the name
+    of the array to write into instead. On CuPy this is ``functional.conv2d`` itself (the whole batch in
+    one product); on NumPy the product runs a block of images at a time (see ``_conv_blocks``).
+    """
+    if get_array_module(W) is not np:
+        y = F.conv2d(x.array() if isinstance(x, Staged) else x, W, b, stride, padding)
+        if relu:
+            y = F.relu(y)
+        if out is not None:
+            out[...] = y.transpose(0, 2, 3, 1)
+            y = out.transpose(0, 3, 1, 2)
+        return y
+    if isinstance(x, Staged):
+        check_channels(x.shape, W)
+    else:
+        check_conv(x, W, b)
+        x = staged(x)
+    C_out, _, KH, KW = W.shape
+    OH, OW = F.conv_geometry(x.shape, KH, KW, stride, padding)
+    shape = (x.shape[0], OH, OW, C_out)
+    if out is None:
+        out = _take(ws, key, shape, x.dtype)
+    if out is None:
+        out = np.empty(shape, dtype=x.dtype)
+    elif out.shape != shape or out.dtype != x.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {x.dtype.name} array of shape {shape}, "
+                         f"got {out.dtype.name} {out.shape}")
+    Wm = np.ascontiguousarray(F.weight_matrix(W).T)        # (KH*KW*C_in, C_out)
+    block = max(1, CONV_BLOCK_BYTES // (OH * OW * Wm.shape[0] * x.dtype.itemsize))
+    bias = None if b is None else np.asarray(b, dtype=x.dtype)
+    _run_split(x.shape[0], block, lambda blocks: _conv_blocks(x, blocks, Wm, out, KH, KW, stride, padding,
+                                                              min(block, x.shape[0]), bias, relu))
+    return out.transpose(0, 3, 1, 2)
+
+
+def _conv_blocks(x, blocks, Wm, out, KH, KW, stride, padding, n, bias, relu):
+    """The blocks of images (start, stop) of ``conv2d`` of the Staged batch x into out (N, OH, OW, C_out);
+    n: the largest block.
+
+    Per block: x.fill() lays the images out padded and channels-last in a small buffer, their patch
+    matrix (im2col) is copied from it, and one matrix product writes the block's outputs. The buffers
+    are the thread's own and are kept between calls (their zero border stays zero), so nothing large is
+    allocated and everything a block touches stays in the cache.
+    """
+    _, C, H, W = x.shape
+    ph, pw = as_pair(padding, "padding")
+    K, C_out = Wm.shape
+    OH, OW = out.shape[1:3]
+    xh = _thread_buffer("pad", (n, H + 2 * ph, W + 2 * pw, C), out.dtype, zero=True)
+    inner = xh[:, ph:ph + H, pw:pw + W, :]
+    # With few input channels a patch row is a few numbers long and copying it row by row is slow:
+    # then the matrix is built transposed, one kernel tap at a time (rows of n*OH*OW numbers).
+    patch_matrix = (_by_tap if KW * C < 8 else _by_row)(xh, KH, KW, stride, OH, OW)
+    out2, rows = out.reshape(-1, C_out), OH * OW           # rows: output pixels (matrix rows) per image
+    for s, e in blocks:
+        x.fill(inner if e - s == n else inner[:e - s], s, e)
+        o = out2[s * rows:e * rows]
+        np.matmul(patch_matrix(e - s), Wm, out=o)
+        if bias is not None:
+            o += bias
+        if relu:
+            np.maximum(o, 0, out=o)
+
+
+def _by_row(xh, KH, KW, stride, OH, OW):
+    """A function m -> the patch matrix (m*OH*OW, KH*KW*C) of the first m images of the buffer xh: one
+    copy of their patch view into this thread's buffer (the views of a whole block are made once)."""
+    n = xh.shape[0]
+    col = _thread_buffer("col", (n, OH, OW, KH, KW * xh.shape[3]), xh.dtype)
+    patches, full = F.patch_view(xh, KH, KW, stride, OH, OW), col.reshape(n * OH * OW, -1)
+
+    def matrix(m):
+        if m == n:
+            col[...] = patches
+            return full
+        col[:m] = patches[:m]                              # the last, partial block
+        return col[:m].reshape(m * OH * OW, -1)
+    return matrix
+
+
+def _by_tap(xh, KH, KW, stride, OH, OW):
+    """The same matrices built transposed, (KH*KW*C, m*OH*OW), one kernel tap (ki, kj) at a time, in the
+    (kh, kw, c) order of ``functional.weight_matrix``; each returned as its transpose (a view)."""
+    n, C = xh.shape[0], xh.shape[3]
+    sh, sw = as_pair(stride, "stride")
+    colT = _thread_buffer("colT", (KH * KW * C, n * OH * OW), xh.dtype)
+
+    def matrix(m):
+        A = colT[:, :m * OH * OW]
+        for ki in range(KH):
+            for kj in range(KW):
+                t = (ki * KW + kj) * C
+                A[t:t + C].reshape(C, m, OH, OW)[...] = \
+                    xh[:m, ki:ki + sh * OH:sh, kj:kj + sw * OW:sw].transpose(3, 0, 1, 2)
+        return A.T
+    return matrix
+
+
+# --------------------------------------------------------------------------- folded convolution + pooling
+
+
+def _tap_slice(k, stride, padding, out_size, in_size):
+    """The input rows (or columns) that kernel tap k sees over all output positions, padding dropped
+    (it is zero): rows i*stride + k - padding, i = 0 .. out_size-1, that lie inside the input."""
+    i0 = max(0, -((k - padding) // stride))                      # first i with i*stride + k - padding >= 0
+    i1 = min(out_size - 1, (in_size - 1 - k + padding) // stride)
+    return slice(i0 * stride + k - padding, i1 * stride + k - padding + 1, stride)
+
+
+def conv_global_avg(x, W, b=None, stride=1, padding=0, ws=None, key=None):
+    """global_avg_pool2d(conv2d(x, W, b, stride, padding)) without the convolution: (N, C_out).
+
+    Both steps are linear, so together they are one dense layer on the flattened input: input pixel
+    (c, h, w) reaches output o through every tap (ki, kj) whose window covers it, with weight
+    W[o, c, ki, kj] / (OH*OW). The effective (C*H*W, C_out) matrix costs less than one image's convolution.
+    Same numbers up to float rounding.
+    """
+    if isinstance(x, Staged):
+        x = x.array(_take(ws, key, (x.shape[0],) + x.shape[2:] + x.shape[1:2], x.dtype))
+    xp = get_array_module(x)
+    C_out, _, KH, KW = W.shape
+    N, _, H, Wd = x.shape
+    OH, OW = F.conv_output_size(H, KH, stride, padding), F.conv_output_size(Wd, KW, stride, padding)
+    rows, cols = xp.zeros((H, KH), dtype=W.dtype), xp.zeros((Wd, KW), dtype=W.dtype)
+    for k in range(KH):
+        rows[_tap_slice(k, stride, padding, OH, H), k] = 1                # rows[h, ki]: tap ki sees row h
+    for k in range(KW):
+        cols[_tap_slice(k, stride, padding, OW, Wd), k] = 1
+    if x.transpose(0, 2, 3, 1).flags.c_contiguous:        # channels-last in memory: flatten as (h, w, c)
+        W_eff = xp.einsum("ocij,hi,wj->hwco", W, rows, cols, optimize=xp is np) / (OH * OW)
+        x = x.transpose(0, 2, 3, 1)
+    else:
+        W_eff = xp.einsum("ocij,hi,wj->chwo", W, rows, cols, optimize=xp is np) / (OH * OW)
+    out = x.reshape(N, -1) @ W_eff.reshape(-1, C_out)
+    return out + b if b is not None else out
+
+
+def conv_avg_pool(x, W, b=None, padding=0, pool=2, pool_stride=None, ws=None, key=None, out=None, relu=False):
+    """avg_pool2d(conv2d(x, W, b, 1, padding), pool, pool_stride) as one strided convolution.
+
+    Both steps are linear: output (i, j) averages the convolution at rows i*ps + a, columns j*ps + c
+    (a, c < pool), so it is one convolution of stride ps with the (KH + pool - 1) x (KW + pool - 1) kernel
+    W' = sum over (a, c) of W shifted by (a, c), / pool^2. For a 3x3 kernel and 2x2 pooling that is 16
+    taps per pooled output instead of 4 x 9, and no pooling pass. Same numbers up to float rounding.
+    ``out``, ``relu``, ``ws``, ``key``: as in ``conv2d``.
+    """
+    xp = get_array_module(W)
+    ps = pool if pool_stride is None else pool_stride
+    C_out, C_in, KH, KW = W.shape
+    W2 = xp.zeros((C_out, C_in, KH + pool - 1, KW + pool - 1), dtype=W.dtype)
+    for a in range(pool):
+        for c in range(pool):
+            W2[:, :, a:a + KH, c:c + KW] += W
+    return conv2d(x, W2 * W.dtype.type(1.0 / (pool * pool)), b, ps, padding, out, relu, ws, key)

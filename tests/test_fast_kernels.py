@@ -1,0 +1,154 @@
+"""Each fast kernel against the reference kernel it stands for (``functional.py``), and against an
+independent oracle (scipy.signal.correlate or plain loops) where one exists."""
+
+import numpy as np
+import pytest
+
+from rso_np import fast_kernels as FK
+from rso_np import functional as F
+from rso_np.backend import get_array_module, to_numpy
+
+from .test_functional import BAD_CONV_INPUTS, CONV_CASES, conv_arrays, conv_scipy, on, rel_err
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv2d_vs_reference_and_scipy(xp, case, bias, rng):
+    x, W, b, s, p = conv_arrays(case, bias, rng)
+    args = on(xp, x, W, b, s, p)
+    out = FK.conv2d(*args)
+    assert get_array_module(out) is xp and out.dtype == xp.float32
+    assert rel_err(out, conv_scipy(x, W, b, s, p)) < 1e-5, "fast_kernels.conv2d vs scipy.signal.correlate"
+    assert rel_err(out, to_numpy(F.conv2d(*args))) < 1e-5, "fast_kernels.conv2d vs functional.conv2d"
+
+
+@pytest.mark.parametrize("channels", [1, 3])          # patch matrix built tap by tap / row by row
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("block_images", [1, 2, 3])
+def test_conv2d_in_blocks(block_images, threads, channels, rng, monkeypatch):
+    """On the CPU conv2d multiplies a few images at a time, the threads taking a share of the blocks
+    each: every block and share, the last partial ones included, must match the oracle."""
+    x = rng.standard_normal((7, channels, 9, 8)).astype(np.float32)
+    W = rng.standard_normal((4, channels, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    per_image = 9 * 8 * 9 * channels * 4                 # OH*OW*KH*KW*C_in float32 numbers
+    monkeypatch.setattr(FK, "CONV_BLOCK_BYTES", block_images * per_image)
+    monkeypatch.setattr(FK, "CONV_THREADS", threads)
+    with FK.parallel_cpu():
+        out = FK.conv2d(x, W, b, 1, 1)
+    assert rel_err(out, conv_scipy(x, W, b, 1, 1)) < 1e-5
+    assert rel_err(out, F.conv2d(x, W, b, 1, 1)) < 1e-5
+
+
+def test_parallel_cpu_sets_blas_to_one_thread_and_back(rng, monkeypatch):
+    """Inside parallel_cpu (nested too) BLAS runs one thread; afterwards it has its own count back."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    before = blas_threads()
+    monkeypatch.setattr(FK, "CONV_THREADS", 2)
+    monkeypatch.setattr(FK, "CONV_BLOCK_BYTES", 1)
+    x = rng.standard_normal((4, 2, 6, 6)).astype(np.float32)
+    with FK.parallel_cpu():
+        assert set(blas_threads()) == {1}
+        with FK.parallel_cpu():
+            FK.conv2d(x, rng.standard_normal((3, 2, 3, 3)).astype(np.float32), None, 1, 1)
+        assert set(blas_threads()) == {1}
+    assert blas_threads() == before
+
+
+def test_staged_inputs_equal_their_arrays():
+    """Each Staged batch, filled over blocks that split it anywhere, equals the array it stands for."""
+    rng = np.random.default_rng(2)
+    acts = np.empty((20, 5, 4, 3), np.float32).transpose(0, 3, 1, 2)     # stored channels-last
+    acts[...] = rng.standard_normal(acts.shape)
+    rows = rng.permutation(20)[:7]
+    y = rng.standard_normal((7, 3, 5, 4)).astype(np.float32)
+    dy = rng.standard_normal((14, 3, 5, 4)).astype(np.float32)
+    into = np.zeros((7, 5, 4), np.float32)
+    cases = [
+        (FK.staged_rows(acts, rows, 1, into), acts[rows]),
+        (FK.staged_relu(y), np.maximum(y, 0)),
+        (FK.staged(y), y),
+        (FK.staged_candidates(y, dy, False), np.concatenate([y + dy[:7], y, y + dy[7:]])),
+        (FK.staged_candidates(y, dy, True), np.maximum(np.concatenate([y + dy[:7], y, y + dy[7:]]), 0)),
+    ]
+    for staged, ref in cases:
+        assert staged.shape == ref.shape
+        assert np.array_equal(staged.array(), ref)
+        N, C, H, W = ref.shape
+        got = np.empty((N, H, W, C), np.float32)
+        cuts = [0, 2, 3, 8, 13, N] if N > 13 else [0, 2, 3, N]
+        for s, e in zip(cuts[:-1], cuts[1:]):                 # blocks across the candidates' borders
+            staged.fill(got[s:e], s, e)
+        assert np.array_equal(got.transpose(0, 3, 1, 2), ref)
+    assert np.array_equal(into, acts[rows, 1])                # the channel copied on the side
+
+
+def test_conv2d_staged_out_bias_relu(monkeypatch):
+    """conv2d of a Staged batch with a bias, ReLU and an output array: relu(conv2d(x) + b), written into
+    out, block by block."""
+    monkeypatch.setattr(FK, "CONV_BLOCK_BYTES", 4 * 16 * 27 * 4)   # 4 images a block: 6 = 4 + 2
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 3, 7, 7)).astype(np.float32)
+    W, b = rng.standard_normal((5, 3, 3, 3)).astype(np.float32), rng.standard_normal(5).astype(np.float32)
+    out = np.empty((6, 4, 4, 5), np.float32)
+    got = FK.conv2d(FK.staged(x), W, b, 2, 1, out=out, relu=True)
+    ref = np.maximum(F.conv2d_naive(x.astype(np.float64), W, b, 2, 1), 0)
+    assert np.shares_memory(got, out) and np.abs(got - ref).max() < 1e-5
+    assert np.abs(got - F.relu(F.conv2d(x, W, b, 2, 1))).max() < 1e-5
+    with pytest.raises(ValueError, match="out must be a C-contiguous float32 array of shape"):
+        FK.conv2d(FK.staged(x), W, b, 1, 1, out=out)
+
+
+def test_workspace_keeps_arrays():
+    """A workspace hands back the same array for the same name, shape and dtype, a new one otherwise;
+    conv2d writes into it."""
+    ws = FK.Workspace()
+    a = ws.get("k", (2, 3), np.float32)
+    assert ws.get("k", (2, 3), np.float32) is a and ws.get("k", (3, 2), np.float32) is not a
+    x = np.random.default_rng(0).standard_normal((2, 1, 5, 5)).astype(np.float32)
+    W = np.ones((2, 1, 3, 3), np.float32)
+    y = FK.conv2d(x, W, ws=ws, key="conv")
+    assert np.shares_memory(y, ws.arrays["conv"]) and np.abs(y - F.conv2d(x, W)).max() < 1e-5
+
+
+@pytest.mark.parametrize("bad,match", BAD_CONV_INPUTS)
+def test_conv2d_bad_input(bad, match):
+    """The same clear errors as functional.conv2d."""
+    with pytest.raises(ValueError, match=match):
+        FK.conv2d(bad, np.zeros((4, 3, 3, 3), np.float32))
+    with pytest.raises(ValueError, match="x has 2 channels but W expects C_in=3"):
+        FK.conv2d(FK.staged(np.zeros((2, 2, 5, 5), np.float32)), np.zeros((4, 3, 3, 3), np.float32))
+
+
+@pytest.mark.parametrize("shape,k,stride,padding", [
+    ((5, 3, 7, 7), 3, 1, 1), ((4, 2, 9, 8), 3, 2, 1), ((3, 2, 10, 11), 5, 3, 2), ((2, 2, 6, 7), 2, 1, 0)])
+def test_conv_global_avg_vs_loops(shape, k, stride, padding):
+    """Convolution + global average pooling folded into one product, against the plain-loop convolution
+    and against the reference kernels in turn."""
+    rng = np.random.default_rng(0)
+    x, W, b = rng.standard_normal(shape), rng.standard_normal((4, shape[1], k, k)), rng.standard_normal(4)
+    ref = F.conv2d_naive(x, W, b, stride, padding).mean(axis=(2, 3))
+    got = FK.conv_global_avg(x, W, b, stride, padding)
+    assert np.abs(got - ref).max() < 1e-12
+    assert np.abs(got - F.global_avg_pool2d(F.conv2d(x, W, b, stride, padding))).max() < 1e-12
+
+
+@pytest.mark.parametrize("shape,k,padding,pool,pool_stride", [
+    ((3, 4, 14, 14), 3, 1, 2, None), ((2, 3, 9, 11), 3, 1, 2, None), ((2, 2, 10, 9), 3, 0, 3, 2),
+    ((2, 2, 8, 8), 5, 2, 2, 1)])
+def test_conv_avg_pool_vs_loops(shape, k, padding, pool, pool_stride):
+    """Convolution + average pooling as one strided convolution, against plain loops for both steps and
+    against the reference kernels in turn."""
+    rng = np.random.default_rng(1)
+    x, W, b = rng.standard_normal(shape), rng.standard_normal((3, shape[1], k, k)), rng.standard_normal(3)
+    conv = F.conv2d_naive(x, W, b, 1, padding)
+    ps = pool if pool_stride is None else pool_stride
+    OH, OW = (conv.shape[2] - pool) // ps + 1, (conv.shape[3] - pool) // ps + 1
+    ref = np.array([[[[conv[n, o, i * ps:i * ps + pool, j * ps:j * ps + pool].mean() for j in range(OW)]
+                      for i in range(OH)] for o in range(3)] for n in range(shape[0])])
+    out = FK.conv_avg_pool(x, W, b, padding, pool, pool_stride)
+    assert out.shape == ref.shape and np.abs(out - ref).max() < 1e-12
+    assert np.abs(out - F.avg_pool2d(F.conv2d(x, W, b, 1, padding), pool, pool_stride)).max() < 1e-12
