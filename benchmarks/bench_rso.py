@@ -32,7 +32,7 @@ from rso_np.backend import get_xp, synchronize, to_numpy
 from rso_np.fast_kernels import parallel_cpu
 from rso_np.layers import AvgPool2d, BatchNorm2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, MaxPool2d, ReLU
 from rso_np.models import build_model
-from rso_np.rso import RSO, RSOConfig
+from rso_np.rso import AUTHORS, RSO, RSOConfig
 from rso_np.rso_fast import FastRSO
 
 
@@ -48,10 +48,10 @@ def training_images(data_dir):
             "random images")
 
 
-def engine_timer(engine_cls, model_name, x, y, cfg, xp):
+def engine_timer(engine_cls, model_name, x, y, cfg, xp, bn_eps=None):
     """A function (unit index, trials) -> timings of one layer for an rso_np engine."""
     fast = engine_cls is FastRSO
-    model = build_model(model_name, seed=0).to(xp)
+    model = build_model(model_name, seed=0, bn_eps=bn_eps).to(xp)
     eng = engine_cls(model, xp.asarray(x), xp.asarray(y), cfg, np.random.default_rng(0), rounds=1)
     model.train()
 
@@ -63,14 +63,17 @@ def engine_timer(engine_cls, model_name, x, y, cfg, xp):
         unit = eng.units[i]
         n = int(unit.array.size)
         k = min(trials, n)
-        setup = 0.0
+        t = time.perf_counter()
+        eng.start_pass(unit)                                  # batch-norm statistics, the pass's shuffle
+        synchronize(xp)
+        setup = time.perf_counter() - t
         if fast:
             # the stored activations of a round (one forward pass over the training set, at the first
             # layer searched; later layers find theirs stored): timed as the layer's setup
             t = time.perf_counter()
             eng._store_inputs(unit.layer_index)
             synchronize(xp)
-            setup = time.perf_counter() - t
+            setup += time.perf_counter() - t
         eng.search_unit(unit, unit.sigma, count=1)            # warm-up
         synchronize(xp)
         t = time.perf_counter()
@@ -117,12 +120,12 @@ def torch_model(model):
     return net
 
 
-def torch_timer(model_name, x, y, cfg):
+def torch_timer(model_name, x, y, cfg, bn_eps=None):
     """The obvious PyTorch implementation, timed one layer at a time like ``engine_timer``: mutate one
     weight, three model(x) calls under no_grad, keep the best."""
     import torch
     import torch.nn.functional as tF
-    model = build_model(model_name, seed=0)
+    model = build_model(model_name, seed=0, bn_eps=bn_eps)
     net = torch_model(model).train()
     X, Y = torch.from_numpy(x), torch.from_numpy(y)
     rng = np.random.default_rng(0)
@@ -161,8 +164,11 @@ def round_seconds(layers):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="paper_mnist", help="model name (default: paper_mnist)")
-    ap.add_argument("--batch-size", type=int, default=256, help="minibatch (default: 256)")
+    ap.add_argument("--model", help="model name (default: paper_mnist; --preset paper: paper_mnist_bn)")
+    ap.add_argument("--preset", choices=("paper",),
+                    help="the authors' search (rso.AUTHORS: statistics frozen before the searched layer, chunks, "
+                         "...) on paper_mnist_bn with batch-norm epsilon 1e-3, minibatch 5000 unless given")
+    ap.add_argument("--batch-size", type=int, help="minibatch (default: 256; --preset paper: 5000)")
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     ap.add_argument("--trials", type=int, default=20, help="trials timed per layer and engine (default: 20)")
     ap.add_argument("--engines", default="literal,fast", help="comma-separated: literal,fast (default: both)")
@@ -170,12 +176,17 @@ def main(argv=None):
     ap.add_argument("--data-dir", help="folder with the MNIST .gz files (default: $RSO_NP_DATA/mnist)")
     ap.add_argument("--out", help="also write the JSON to this file")
     args = ap.parse_args(argv)
+    paper = args.preset == "paper"
+    args.model = args.model or ("paper_mnist_bn" if paper else "paper_mnist")
+    args.batch_size = args.batch_size or (5000 if paper else 256)
     if args.trials < 1 or args.batch_size < 1:
         ap.error("--trials and --batch-size must be at least 1")
     xp = get_xp(args.device)
     x, y, source = training_images(args.data_dir)
-    cfg = RSOConfig(batch_size=args.batch_size)
+    cfg = RSOConfig(batch_size=args.batch_size, **(AUTHORS if paper else {}))
+    bn_eps = 1e-3 if paper else None
     res = {"model": args.model, "batch_size": args.batch_size, "device": args.device, "images": source,
+           "search": cfg.to_dict(), "bn_eps": bn_eps,
            "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "python": platform.python_version(), "numpy": np.__version__, "engines": {}}
     if args.device == "gpu":
@@ -186,12 +197,12 @@ def main(argv=None):
     for name in args.engines.split(","):
         if name not in ("literal", "fast"):
             ap.error(f"unknown engine {name!r} in --engines")
-        timers[name], units = engine_timer(FastRSO if name == "fast" else RSO, args.model, x, y, cfg, xp)
+        timers[name], units = engine_timer(FastRSO if name == "fast" else RSO, args.model, x, y, cfg, xp, bn_eps)
     if args.torch:
         try:
             import torch
             torch.set_num_threads(os.cpu_count())
-            timers["torch"] = torch_timer(args.model, x, y, cfg)
+            timers["torch"] = torch_timer(args.model, x, y, cfg, bn_eps)
             res["torch"] = {"version": torch.__version__, "threads": torch.get_num_threads()}
         except ImportError:
             print("--torch: PyTorch is not installed; skipping the PyTorch comparison", file=sys.stderr)

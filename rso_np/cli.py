@@ -6,26 +6,28 @@ from datetime import datetime
 from pathlib import Path
 
 from .backend import DeviceError
-from .data import DATASETS
+from .data import DATASETS, NORMALIZATIONS
+from .training import EVAL_BN_STATS
 from .models import MODELS
 from .progress import Progress
-from .rso import LAYER_ORDERS, SIGMA_SCHEDULES, RSOConfig
+from .rso import AUTHORS, BN_STATISTICS, LAYER_ORDERS, MINIBATCHES, SIGMA_FROM, SIGMA_SCHEDULES, RSOConfig
 from .sgd import SGDConfig
 
 PROG = "rso-np"
 
-# The authors' MNIST configuration (see the paper notes): their network with batch norm, minibatch 5000,
-# sigma decayed linearly to sigma/10, weight decay 1e-4, batch-norm parameters searched, 50 rounds.
+# The authors' MNIST configuration, as their MXNet code runs it (see the paper notes and rso.AUTHORS): their
+# network with batch norm (MXNet's epsilon 1e-3), minibatch 5000, 50 rounds, inputs centred, batch-norm
+# statistics frozen before the searched layer, chunked minibatches, He sigma with the authors' schedule,
+# weight decay 1e-4 on every searched parameter, batch norm searched right after its conv, evaluation with
+# the statistics of the first 2000 training images after every layer pass.
 PRESETS = {
-    "paper": {"model": "paper_mnist_bn", "batch_size": 5000, "sigma_schedule": "linear",
-              "weight_decay": 1e-4, "search_bn": True, "rounds": 50},
+    "paper": {"model": "paper_mnist_bn", "batch_size": 5000, "rounds": 50, "normalize": "center", "bn_eps": 1e-3,
+              "eval_bn_stats": "reference", "eval_each_pass": True, **AUTHORS},
 }
 
 # Defaults for a laptop CPU: small_mnist (4,568 weights), minibatch 1024 and the fast engine, so that a
 # round takes about a minute.
-LAPTOP = {"model": "small_mnist", "rounds": 10, "epochs": 10, "sigma_schedule": "linear", "weight_decay": 0.0,
-          "search_bn": True}
-
+LAPTOP = {"model": "small_mnist", "rounds": 10, "epochs": 10}
 
 class UsageError(Exception):
     pass
@@ -55,59 +57,91 @@ def build_parser():
                        description=(
                            "Train a CNN on MNIST or Fashion-MNIST with RSO (default) or SGD.\n\n"
                            "The plain defaults are for a laptop CPU: small_mnist, minibatch 1024, 10 rounds, "
-                           "the fast engine\n(about a minute per round on two cores).\n"
-                           "--preset paper sets the authors' MNIST configuration instead (paper_mnist_bn, "
-                           "minibatch 5000,\nsigma decayed to sigma/10, weight decay 1e-4, 50 rounds); it is "
-                           "meant for a GPU.\n\n"
+                           "the fast engine\n(about a minute per round on two cores), and the paper's "
+                           "pseudocode for every search option.\n"
+                           "--preset paper sets the authors' MNIST configuration instead, as their code runs "
+                           "it: paper_mnist_bn\n(batch-norm epsilon 1e-3), minibatch 5000, 50 rounds, inputs "
+                           "centred, batch-norm statistics frozen\nbefore the searched layer, chunked "
+                           "minibatches, He sigma with the authors' schedule, weight decay 1e-4\non every "
+                           "searched parameter, batch norm searched right after its conv, evaluation after "
+                           "every\nlayer pass. Options given with it override it (e.g. --batch-size 2000).\n\n"
                            "Writes history.json, history.csv, loss.png and checkpoint.npz into --out after "
-                           "every round."))
+                           "every round.\n--resume continues a run with its recorded settings; an option "
+                           "that contradicts them is an error."))
     g = t.add_argument_group("data and model")
-    g.add_argument("--dataset", choices=DATASETS, default="mnist", help="(default: mnist)")
+    g.add_argument("--dataset", choices=DATASETS, help="(default: mnist)")
     g.add_argument("--data-dir", metavar="DIR",
                    help="folder holding the four .gz files (offline use); default: download into $RSO_NP_DATA "
                         "or ~/.cache/rso_np")
     g.add_argument("--model", choices=sorted(MODELS), help="network (default: small_mnist; paper preset: "
                                                             "paper_mnist_bn)")
+    g.add_argument("--bn-eps", type=float, metavar="EPS",
+                   help="batch norm's epsilon (paper_mnist_bn; default 1e-5; authors, MXNet: 1e-3)")
+    g.add_argument("--normalize", choices=NORMALIZATIONS,
+                   help="input: standardize (the paper: minus the training mean, over its std; default) or "
+                        "center (authors: minus the mean only)")
     g.add_argument("--train-limit", type=positive_int, metavar="N", help="use the first N training images")
     g.add_argument("--test-limit", type=positive_int, metavar="N", help="use the first N test images")
-    g.add_argument("--eval-train-limit", type=positive_int, default=10000, metavar="N",
+    g.add_argument("--eval-train-limit", type=positive_int, metavar="N",
                    help="training images used for the per-round train loss/accuracy (default: 10000)")
+    g.add_argument("--eval-bn-stats", choices=EVAL_BN_STATS,
+                   help="batch-norm statistics for evaluation: population (estimated over the evaluation "
+                        "training images; default) or reference (authors: those of the first 2000 training "
+                        "images)")
+    g.add_argument("--eval-each-pass", action=argparse.BooleanOptionalAction,
+                   help="also evaluate the test set after every layer pass, and report the best so far "
+                        "(authors; default: off)")
     g = t.add_argument_group("run")
-    g.add_argument("--optimizer", choices=("rso", "sgd"), default="rso", help="(default: rso)")
+    g.add_argument("--optimizer", choices=("rso", "sgd"), help="(default: rso)")
     g.add_argument("--preset", choices=sorted(PRESETS), help="'paper': the authors' MNIST configuration")
     g.add_argument("--rounds", type=positive_int, help="RSO rounds (default: 10; paper: 50)")
     g.add_argument("--epochs", type=positive_int, help="SGD epochs (default: 10)")
     g.add_argument("--batch-size", type=positive_int,
                    help=f"minibatch (default: RSO {RSOConfig.batch_size}, paper 5000; SGD {SGDConfig.batch_size})")
     g.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="cpu (NumPy) or gpu (CuPy)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the initialisation and every random draw")
+    g.add_argument("--seed", type=int, help="seed of the initialisation and every random draw (default: 0)")
     g.add_argument("--out", metavar="DIR", help="run folder (default: runs/<optimizer>-<model>-<time>)")
     g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its checkpoint, with its saved settings "
-                        "(--rounds/--epochs may raise the total)")
+                   help="continue the run in --out from its checkpoint, with its recorded settings")
     g.add_argument("--stop-after", type=positive_int, metavar="N",
                    help="stop after N rounds/epochs of this invocation (continue later with --resume)")
-    g.add_argument("--no-progress", action="store_true", help="no progress inside rounds (default: a bar with trials per second, time left and "
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress inside rounds (default: a bar with trials per second, time left and "
                         "the layer searched; a line a minute when stderr is a file)")
-    g = t.add_argument_group("RSO options (defaults: see rso_np/rso.py RSOConfig)")
-    g.add_argument("--engine", choices=("fast", "literal"), default="fast",
+    g = t.add_argument_group("RSO options (defaults: the paper's pseudocode, see rso_np/rso.py RSOConfig)")
+    g.add_argument("--engine", choices=("fast", "literal"),
                    help="fast (exact shortcuts, same decisions; default) or literal (Algorithm 1 line by line)")
+    g.add_argument("--minibatches", choices=MINIBATCHES,
+                   help="draw (a new random minibatch per weight; default) or chunks (authors: consecutive "
+                        "chunks of a shuffle per layer pass)")
+    g.add_argument("--bn-statistics", choices=BN_STATISTICS,
+                   help="minibatch (every batch norm uses the minibatch's statistics; default) or "
+                        "frozen-before (authors: those before the searched layer use a reference batch's)")
+    g.add_argument("--bn-reference-images", type=positive_int, metavar="N",
+                   help="the reference batch: the first N training images (default and authors: 2000)")
+    g.add_argument("--sigma-from", choices=SIGMA_FROM,
+                   help="sigma_d: weights (std of the initial weights, the paper; default) or he "
+                        "(sqrt(2/fan_in), authors)")
     g.add_argument("--sigma-schedule", choices=SIGMA_SCHEDULES,
-                   help="linear: decay to sigma/10 over the rounds (paper, default); constant")
+                   help="linear: decay to sigma/10 over the rounds (paper, default); authors: "
+                        "0.1 + 0.9 (C-c+1)/C; constant")
     g.add_argument("--weight-decay", type=float, help="before each trial w *= 1 - wd (default 0; authors 1e-4)")
+    g.add_argument("--decay-bn", action=argparse.BooleanOptionalAction,
+                   help="weight decay on batch-norm scale and shift too (authors: yes; default: no)")
     g.add_argument("--no-search-bn", dest="search_bn", action="store_false", default=None,
                    help="do not search batch-norm scale/shift (the authors do, with sigma 0.167)")
-    g.add_argument("--bn-sigma", type=float, default=RSOConfig.bn_sigma, help="(default: 0.167, authors)")
-    g.add_argument("--layer-order", choices=LAYER_ORDERS, default="last-to-first",
+    g.add_argument("--bn-sigma", type=float, help="(default: 0.167, authors)")
+    g.add_argument("--layer-order", choices=LAYER_ORDERS,
                    help="last-to-first (paper, default) or first-to-last (ablation)")
-    g.add_argument("--loss-agg", choices=("sum", "mean"), default="sum",
-                   help="minibatch loss: sum (the paper's F, default) or mean")
+    g.add_argument("--bn-after-conv", action=argparse.BooleanOptionalAction,
+                   help="search a batch norm's shift, then scale, right after its conv's weights (authors) "
+                        "instead of as a layer of its own (default)")
+    g.add_argument("--loss-agg", choices=("sum", "mean"), help="minibatch loss: sum (the paper's F, default) or mean")
     g = t.add_argument_group("SGD options")
-    g.add_argument("--lr", type=float, default=SGDConfig.lr, help=f"(default: {SGDConfig.lr})")
-    g.add_argument("--momentum", type=float, default=SGDConfig.momentum, help=f"(default: {SGDConfig.momentum})")
-    g.add_argument("--sgd-weight-decay", type=float, default=SGDConfig.weight_decay,
-                   help=f"(default: {SGDConfig.weight_decay})")
-    g.add_argument("--lr-schedule", choices=("linear", "constant"), default=SGDConfig.lr_schedule,
+    g.add_argument("--lr", type=float, help=f"(default: {SGDConfig.lr})")
+    g.add_argument("--momentum", type=float, help=f"(default: {SGDConfig.momentum})")
+    g.add_argument("--sgd-weight-decay", type=float, help=f"(default: {SGDConfig.weight_decay})")
+    g.add_argument("--lr-schedule", choices=("linear", "constant"),
                    help="linear: lr falls to 0 over the run (default); constant")
 
     pl = sub.add_parser("plot", help="overlay the loss and accuracy of several runs (e.g. RSO vs SGD)")
@@ -119,32 +153,76 @@ def build_parser():
     return p
 
 
-def run_config(args):
-    from .training import RunConfig
+# Where each train option lands in a RunConfig: dest -> (section, field); section None: the RunConfig itself.
+RUN_FIELDS = {"optimizer": (None, "optimizer"), "engine": (None, "engine"), "model": (None, "model"),
+              "dataset": (None, "dataset"), "seed": (None, "seed"), "train_limit": (None, "train_limit"),
+              "test_limit": (None, "test_limit"), "eval_train_limit": (None, "eval_train_limit"),
+              "normalize": (None, "normalize"), "bn_eps": (None, "bn_eps"), "eval_bn_stats": (None, "eval_bn_stats"),
+              "eval_each_pass": (None, "eval_each_pass")}
+RSO_FIELDS = {"minibatches": "minibatches", "bn_statistics": "bn_statistics",
+              "bn_reference_images": "bn_reference_images", "sigma_from": "sigma_from",
+              "sigma_schedule": "sigma_schedule", "weight_decay": "weight_decay", "decay_bn": "decay_bn",
+              "search_bn": "search_batch_norm", "bn_sigma": "bn_sigma", "layer_order": "layer_order",
+              "bn_after_conv": "bn_after_conv", "loss_agg": "loss_agg"}
+SGD_FIELDS = {"lr": "lr", "momentum": "momentum", "sgd_weight_decay": "weight_decay", "lr_schedule": "lr_schedule"}
+
+
+def given_settings(args):
+    """{(option, section, field): value} for every setting given on the command line (a preset's count as
+    given), section None / "rso" / "sgd"."""
     preset = PRESETS.get(args.preset, {}) if args.preset else {}
-    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else preset.get(name, LAPTOP[name])
-    rso_cfg = RSOConfig(batch_size=args.batch_size or preset.get("batch_size") or RSOConfig.batch_size,
-                        sigma_schedule=pick("sigma_schedule"), weight_decay=pick("weight_decay"),
-                        search_batch_norm=pick("search_bn"), bn_sigma=args.bn_sigma,
-                        layer_order=args.layer_order, loss_agg=args.loss_agg).validate()
-    sgd_cfg = SGDConfig(batch_size=args.batch_size or SGDConfig.batch_size, lr=args.lr, momentum=args.momentum,
-                        weight_decay=args.sgd_weight_decay, lr_schedule=args.lr_schedule).validate()
-    if args.resume:
-        total = args.rounds or args.epochs   # None: keep the saved total
-    else:
-        rounds = args.rounds if args.optimizer == "rso" else args.epochs
-        total = rounds or (preset.get("rounds", LAPTOP["rounds"]) if args.optimizer == "rso" else LAPTOP["epochs"])
-    return RunConfig(optimizer=args.optimizer, engine=args.engine, model=pick("model"), dataset=args.dataset,
-                     rounds=total,
-                     seed=args.seed, train_limit=args.train_limit, test_limit=args.test_limit,
-                     eval_train_limit=args.eval_train_limit, rso=rso_cfg.to_dict(), sgd=sgd_cfg.to_dict())
+    value = lambda dest: getattr(args, dest) if getattr(args, dest, None) is not None else preset.get(dest)
+    out = {}
+    for dest, (section, field) in RUN_FIELDS.items():
+        out[(dest, section, field)] = value(dest)
+    for dest, field in RSO_FIELDS.items():
+        out[(dest, "rso", field)] = value(dest)
+    for dest, field in SGD_FIELDS.items():
+        out[(dest, "sgd", field)] = value(dest)
+    optimizer = value("optimizer") or "rso"
+    out[("batch_size", optimizer, "batch_size")] = value("batch_size")
+    out[("rounds" if optimizer == "rso" else "epochs", None, "rounds")] = \
+        value("rounds") if optimizer == "rso" else value("epochs")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def run_config(args):
+    """The RunConfig of a new run: each setting from the command line, else the preset, else the default."""
+    from .training import RunConfig
+    run, rso, sgd = {"rounds": LAPTOP["rounds"], "model": LAPTOP["model"]}, {}, {}
+    for (dest, section, field), v in given_settings(args).items():
+        {None: run, "rso": rso, "sgd": sgd}[section][field] = v
+    if run.get("optimizer") == "sgd":
+        run["rounds"] = args.epochs or LAPTOP["epochs"]
+    return RunConfig(rso=RSOConfig(**rso).validate().to_dict(), sgd=SGDConfig(**sgd).validate().to_dict(), **run)
+
+
+def _option(dest):
+    return "--" + {"search_bn": "no-search-bn"}.get(dest, dest.replace("_", "-"))
+
+
+def check_resume(args, saved):
+    """A resumed run keeps its recorded settings: any given option that differs ends with a UsageError
+    naming it, the run's value and the given one."""
+    for (dest, section, field), v in given_settings(args).items():
+        have = getattr(saved, field) if section is None else getattr(saved, section).get(field)
+        if section in ("rso", "sgd") and section != saved.optimizer:
+            continue                                  # the other optimiser's options do not apply
+        if have != v and not (isinstance(v, float) and have is not None and float(have) == v):
+            raise UsageError(f"{PROG} train: error: {_option(dest)}: the run in {args.out} has {have!r}, "
+                             f"given {v!r} (a resumed run keeps its settings; start a new run with another --out)")
 
 
 def cmd_train(args):
     from .training import Trainer
     if args.resume and not args.out:
         raise UsageError(f"{PROG} train: error: --resume needs --out DIR (the run folder to continue)")
-    cfg = run_config(args)
+    if args.resume:
+        from .training import saved_run_config
+        cfg = saved_run_config(args.out)
+        check_resume(args, cfg)
+    else:
+        cfg = run_config(args)
     out = args.out or str(Path("runs") / f"{cfg.optimizer}-{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}")
     show = not args.no_progress
     unit = "trial" if cfg.optimizer == "rso" else "step"

@@ -200,14 +200,21 @@ def ensure_files(dataset="mnist", data_dir=None, download_missing=True, mirrors=
 # --------------------------------------------------------------------------- dataset
 
 
+NORMALIZATIONS = ("standardize", "center")
+
+
 def load_dataset(dataset="mnist", data_dir=None, train_limit=None, test_limit=None, verify_checksums=True,
-                 mirrors=None, log=sys.stderr):
+                 mirrors=None, log=sys.stderr, normalize="standardize"):
     """Load a dataset as a dict of NumPy arrays.
 
     Returns ``{"x_train", "y_train", "x_test", "y_test", "mean", "std"}``: images float32
-    (N, 1, 28, 28) normalised with the full training set's mean and std, labels int64 (N,).
+    (N, 1, 28, 28), labels int64 (N,). ``normalize``: "standardize" (the paper, line 1 of Algorithm 1:
+    pixels / 255 minus the full training set's mean, divided by its std) or "center" (the authors'
+    code: pixels / 255 minus that mean, one scalar, no division).
     ``train_limit`` / ``test_limit`` keep the first that many examples (a deterministic subset).
     """
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     paths = ensure_files(dataset, data_dir, mirrors=mirrors, log=log)
     if verify_checksums:
         for p in paths.values():
@@ -228,7 +235,9 @@ def load_dataset(dataset="mnist", data_dir=None, train_limit=None, test_limit=No
             if limit < 1:
                 raise ValueError(f"{split}_limit must be at least 1, got {limit}")
             x, y = x[:limit], y[:limit]
-        xs = (x.astype(np.float32) / np.float32(255.0) - np.float32(mean)) / np.float32(std)
+        xs = x.astype(np.float32) / np.float32(255.0) - np.float32(mean)
+        if normalize == "standardize":
+            xs = xs / np.float32(std)
         out[f"x_{split}"] = np.ascontiguousarray(xs[:, None, :, :], dtype=np.float32)
         out[f"y_{split}"] = y.astype(np.int64)
     return out

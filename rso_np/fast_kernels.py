@@ -395,3 +395,50 @@ def conv_avg_pool(x, W, b=None, padding=0, pool=2, pool_stride=None, ws=None, ke
         for c in range(pool):
             W2[:, :, a:a + KH, c:c + KW] += W
     return conv2d(x, W2 * W.dtype.type(1.0 / (pool * pool)), b, ps, padding, out, relu, ws, key)
+
+
+# --------------------------------------------------------------------------- batch norm
+
+
+def _channel_sums(v, image_rows):
+    """Per-channel mean and mean square of v (G, M, C) (C contiguous; ``image_rows`` rows per image):
+    (G, C) float64 each. Float32 sums over blocks of a few thousand rows (whole images), then float64
+    across blocks: as accurate as ``functional.batch_stats``, and fewer passes over memory."""
+    G, M, C = v.shape
+    k = max(1, 8192 // image_rows)                       # images per block: a divisor of the batch
+    while (M // image_rows) % k:
+        k -= 1
+    n = k * image_rows
+    p = v.reshape(G, M // n, n, C)
+    s1 = (np.ones(n, dtype=v.dtype) @ p).sum(axis=1, dtype=np.float64)     # a matrix product sums fastest
+    s2 = np.einsum("gbnc,gbnc->gbc", p, p).sum(axis=1, dtype=np.float64)
+    return s1 / M, s2 / M
+
+
+def batch_norm(x, gamma, beta, eps, groups=1, ws=None, key=None):
+    """``functional.batch_norm2d(x_g, gamma, beta, eps=eps)[0]`` with the batch statistics of each of
+    ``groups`` consecutive equal blocks x_g of x (N, C, H, W), the blocks concatenated: (N, C, H, W).
+
+    On NumPy, for x stored channels-last (as conv2d writes it): the statistics from the channel sums of
+    the (N*H*W, C) matrix, then out = x * scale + shift with scale = gamma / sqrt(var + eps) and
+    shift = beta - mean * scale, one pass. Same numbers up to float rounding. Otherwise (CuPy, other
+    layouts) the reference itself, block by block. ``ws``, ``key``: a Workspace array for the output.
+    """
+    N, C, H, W = x.shape
+    B = N // groups
+    xl = x.transpose(0, 2, 3, 1)
+    if get_array_module(x) is not np or not xl.flags.c_contiguous:
+        return get_array_module(x).concatenate([F.batch_norm2d(x[k * B:(k + 1) * B], gamma, beta, eps=eps)[0]
+                                                for k in range(groups)])
+    v = xl.reshape(groups, B * H * W, C)
+    mean, sq = _channel_sums(v, H * W)
+    mean32 = mean.astype(x.dtype)
+    var32 = np.maximum(sq - mean * mean, 0.0).astype(x.dtype)
+    scale = (1.0 / np.sqrt(var32 + x.dtype.type(eps))) * gamma
+    shift = beta - mean32 * scale
+    out = _take(ws, key, (N, H, W, C), x.dtype)
+    out = np.empty((N, H, W, C), dtype=x.dtype) if out is None else out
+    o = out.reshape(groups, B * H * W, C)
+    np.multiply(v, scale[:, None, :], out=o)
+    o += shift[:, None, :]
+    return out.transpose(0, 3, 1, 2)

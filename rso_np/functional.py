@@ -295,6 +295,18 @@ def linear_backward(dout, x, W, b=None):
 # --------------------------------------------------------------------------- batch norm
 
 
+def batch_stats(x):
+    """Per-channel mean and (biased) variance of x (N, C, H, W), in x's dtype.
+
+    The sums are taken in float64: a float32 sum over the hundreds of thousands of numbers of one
+    channel of a large batch loses several digits.
+    """
+    xp = get_array_module(x)
+    mean = x.mean(axis=(0, 2, 3), dtype=xp.float64)
+    var = xp.maximum((x * x).mean(axis=(0, 2, 3), dtype=xp.float64) - mean * mean, 0.0)
+    return mean.astype(x.dtype), var.astype(x.dtype)
+
+
 def batch_norm2d(x, gamma, beta, mean=None, var=None, eps=1e-5):
     """Per-channel normalisation. x: (N, C, H, W); gamma, beta: (C,).
 
@@ -309,8 +321,7 @@ def batch_norm2d(x, gamma, beta, mean=None, var=None, eps=1e-5):
             raise ValueError(f"{name} must have shape ({C},) for x with {C} channels, got {tuple(p.shape)}")
     xp = get_array_module(x)
     if mean is None:
-        mean = x.mean(axis=(0, 2, 3))
-        var = x.var(axis=(0, 2, 3))
+        mean, var = batch_stats(x)
     inv_std = 1.0 / xp.sqrt(var + eps)
     xhat = (x - mean[:, None, None]) * inv_std[:, None, None]
     out = xhat * gamma[:, None, None] + beta[:, None, None]

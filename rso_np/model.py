@@ -9,6 +9,7 @@ import numpy as np
 from ._io import atomic_path
 from ._checks import check_finite, check_float, check_ndim
 from .backend import device_of, get_array_module, to_numpy
+from . import functional as F
 from .layers import BatchNorm2d, Layer
 
 FORMAT = "rso_np.Sequential/1"
@@ -125,6 +126,25 @@ class Sequential:
         for layer in reversed(self.layers):
             dout = layer.backward(dout)
         return dout
+
+    def set_reference_stats(self, x):
+        """Set every batch norm's statistics to those of the one batch ``x`` (N, C, H, W): its input's
+        per-channel mean and (biased) variance in a forward pass in training mode, where each batch
+        norm normalises with exactly these. What the authors' code does before each layer pass and each
+        evaluation (running statistics reset, momentum 0, the first 2000 training images).
+        No-op for a network without batch norm.
+        """
+        if not any(isinstance(l, BatchNorm2d) for l in self.layers):
+            return
+        was = [l.training for l in self.layers]
+        self.train()
+        h = x
+        for layer in self.layers:
+            if isinstance(layer, BatchNorm2d):
+                layer.buffers["mean"], layer.buffers["var"] = F.batch_stats(h)
+            h = layer.forward(h)
+        for layer, t in zip(self.layers, was):
+            layer.training = t
 
     def estimate_population_stats(self, x, batch_size=1000):
         """Set every batch norm's population mean/var from the images ``x`` (N, C, H, W).

@@ -14,14 +14,15 @@ def _rng(seed):
     return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
 
-def paper_mnist(batch_norm=False, seed=0, channels=16, num_classes=10, in_channels=1):
+def paper_mnist(batch_norm=False, seed=0, channels=16, num_classes=10, in_channels=1, bn_eps=1e-5):
     """The authors' MNIST network.
 
     conv1..conv6: 3x3, padding 1, ``channels`` channels, no bias; 2x2 average
     pooling after conv2 and conv4; batch norm (optional) after every conv, after
     the pooling where there is one; ReLU after conv1..conv5, none after conv6;
     global average pooling; dense channels -> num_classes without bias.
-    11,824 weights for the defaults (+192 batch-norm parameters).
+    11,824 weights for the defaults (+192 batch-norm parameters). ``bn_eps``: batch norm's epsilon
+    (1e-5, PyTorch's default; the authors' MXNet code: 1e-3).
     ``seed``: an int or a ``numpy.random.Generator`` for the He initialisation.
     """
     rng = _rng(seed)
@@ -32,7 +33,7 @@ def paper_mnist(batch_norm=False, seed=0, channels=16, num_classes=10, in_channe
         if i in (2, 4):
             layers.append((f"pool{i}", AvgPool2d(2)))
         if batch_norm:
-            layers.append((f"bn{i}", BatchNorm2d(channels)))
+            layers.append((f"bn{i}", BatchNorm2d(channels, eps=bn_eps)))
         if i < 6:
             layers.append((f"relu{i}", ReLU()))
         c_in = channels
@@ -60,12 +61,17 @@ def small_mnist(seed=0, num_classes=10, in_channels=1, channels=8):
     ])
 
 
-MODELS = {"paper_mnist": paper_mnist, "paper_mnist_bn": lambda seed=0: paper_mnist(True, seed),
+MODELS = {"paper_mnist": paper_mnist, "paper_mnist_bn": lambda seed=0, **kw: paper_mnist(True, seed, **kw),
           "small_mnist": small_mnist}
 
 
-def build_model(name, seed=0):
-    """Build a model by name: one of ``MODELS``."""
+def build_model(name, seed=0, bn_eps=None):
+    """Build a model by name: one of ``MODELS``. ``bn_eps``: batch norm's epsilon (models with batch
+    norm only; None: the builder's default)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    return MODELS[name](seed=seed)
+    if bn_eps is None:
+        return MODELS[name](seed=seed)
+    if name != "paper_mnist_bn":
+        raise ValueError(f"bn_eps is for a model with batch norm (paper_mnist_bn), not {name!r}")
+    return MODELS[name](seed=seed, bn_eps=float(bn_eps))

@@ -30,45 +30,73 @@ from .backend import get_array_module, to_numpy
 from .layers import BatchNorm2d
 from .losses import logit_cross_entropy
 
-SIGMA_SCHEDULES = ("linear", "constant")
+SIGMA_SCHEDULES = ("linear", "authors", "constant")
+SIGMA_FROM = ("weights", "he")
 LAYER_ORDERS = ("last-to-first", "first-to-last")
+BN_STATISTICS = ("minibatch", "frozen-before")
+MINIBATCHES = ("draw", "chunks")
 PLUS, KEEP, MINUS = 0, 1, 2          # index of the chosen candidate in (W + dW, W, W - dW)
 
 
 @dataclass
 class RSOConfig:
-    """Options of the search; where a default comes from is said beside it.
+    """Options of the search; where a default comes from is said beside it. The defaults follow the
+    paper's pseudocode; ``AUTHORS`` (below) is what the authors' own code does.
 
-    batch_size: minibatch drawn anew for every weight. Paper and authors' code: 5000. The default
-        here, 1024, is for a laptop CPU.
+    batch_size: the minibatch. Paper and authors' code: 5000 (2000 suggested when memory is short). The
+        default here, 1024, is for a laptop CPU.
+    minibatches: "draw" (the pseudocode, line 8: a new random minibatch for every weight) or "chunks"
+        (authors: the training set is shuffled at the start of each layer pass and the minibatches are
+        its consecutive chunks, one per weight, cycled; a batch-norm pass keeps the shuffle of the pass
+        before it and restarts its chunks).
+    bn_statistics: what batch norm normalises with during the search. "minibatch": every batch norm uses
+        the statistics of the minibatch in every trial. "frozen-before" (authors): at the start of each
+        layer pass every batch norm's statistics are set from one reference batch (the first
+        ``bn_reference_images`` training images), and the batch norms before the searched layer keep
+        them for the pass; from the searched layer on, batch norm uses the minibatch's statistics.
+    bn_reference_images: the reference batch of "frozen-before" (authors: 2000).
+    sigma_from: sigma_d of a layer. "weights" (the pseudocode, line 3: the std of the layer's weights at
+        initialisation) or "he" (authors: sqrt(2 / fan_in), the std the weights were drawn with).
     sigma_schedule: "linear" (the paper: sigma_d falls linearly so that in the last round it is
-        sigma_d / 10) or "constant".
+        sigma_d / 10), "authors" (round c of C uses sigma_d * (0.1 + 0.9 * (C - c + 1) / C): sigma_d in
+        round 1, never quite sigma_d / 10) or "constant".
     weight_decay: w <- w * (1 - weight_decay) just before the weight's trial (authors' code: 1e-4;
-        0 switches it off). Applied to convolution and dense weights, not to batch-norm parameters.
+        0 switches it off). Applied to convolution and dense weights; to batch-norm scale and shift
+        too with ``decay_bn`` (authors: yes).
     search_batch_norm: also search batch-norm scale and shift (authors' code: yes), with the fixed
         sigma ``bn_sigma`` (authors' code: 0.167).
     layer_order: "last-to-first" (the paper: the layer closest to the labels first) or
         "first-to-last" (the ablation).
+    bn_after_conv: where a batch norm's scale and shift come in the order. False: as a layer of its own
+        (last-to-first: a batch norm before the conv it follows; scale, then shift). True (authors):
+        right after the weights of the conv it follows, shift first, then scale.
     loss_agg: "sum" (the paper's F: the loss summed over the minibatch, in float64) or "mean".
     """
 
     batch_size: int = 1024
+    minibatches: str = "draw"
+    bn_statistics: str = "minibatch"
+    bn_reference_images: int = 2000
+    sigma_from: str = "weights"
     sigma_schedule: str = "linear"
     weight_decay: float = 0.0
+    decay_bn: bool = False
     search_batch_norm: bool = True
     bn_sigma: float = 0.167
     layer_order: str = "last-to-first"
+    bn_after_conv: bool = False
     loss_agg: str = "sum"
 
     def validate(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.sigma_schedule not in SIGMA_SCHEDULES:
-            raise ValueError(f"sigma_schedule must be one of {SIGMA_SCHEDULES}, got {self.sigma_schedule!r}")
-        if self.layer_order not in LAYER_ORDERS:
-            raise ValueError(f"layer_order must be one of {LAYER_ORDERS}, got {self.layer_order!r}")
-        if self.loss_agg not in ("sum", "mean"):
-            raise ValueError(f"loss_agg must be 'sum' or 'mean', got {self.loss_agg!r}")
+        for name, allowed in (("minibatches", MINIBATCHES), ("bn_statistics", BN_STATISTICS),
+                              ("sigma_from", SIGMA_FROM), ("sigma_schedule", SIGMA_SCHEDULES),
+                              ("layer_order", LAYER_ORDERS), ("loss_agg", ("sum", "mean"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.bn_reference_images < 1:
+            raise ValueError(f"bn_reference_images must be at least 1, got {self.bn_reference_images}")
         if not 0 <= self.weight_decay < 1:
             raise ValueError(f"weight_decay must lie in [0, 1), got {self.weight_decay}")
         if self.bn_sigma <= 0:
@@ -79,6 +107,12 @@ class RSOConfig:
         return asdict(self)
 
 
+# What the authors' MXNet code does, where it differs from the defaults (the paper's pseudocode).
+AUTHORS = {"minibatches": "chunks", "bn_statistics": "frozen-before", "bn_reference_images": 2000,
+           "sigma_from": "he", "sigma_schedule": "authors", "weight_decay": 1e-4, "decay_bn": True,
+           "search_batch_norm": True, "bn_sigma": 0.167, "bn_after_conv": True}
+
+
 @dataclass
 class SearchUnit:
     """One array that RSO searches: a layer's weight (or a batch norm's scale or shift)."""
@@ -86,40 +120,57 @@ class SearchUnit:
     name: str            # parameter name, e.g. "conv3.weight"
     layer_index: int     # position of the layer in the Sequential
     array: object        # the parameter array itself (changed in place)
-    sigma: float         # sigma_d: std of the layer's weights after initialisation
+    sigma: float         # sigma_d (see RSOConfig.sigma_from)
     decay: bool          # whether weight decay applies
+    batch_norm: bool = False   # a batch norm's scale or shift
+
+
+def _sigma(layer, arr, is_bn, config):
+    """sigma_d of a searched array (line 3, or the authors' choice: see RSOConfig.sigma_from)."""
+    if is_bn:
+        return config.bn_sigma
+    if config.sigma_from == "he":
+        W = layer.params["weight"]
+        return float(np.sqrt(2.0 / int(np.prod(W.shape[1:]))))         # fan_in of one output
+    return float(to_numpy(arr).astype(np.float64).std())                # line 3: sigma_d <- std(W_d)
 
 
 def search_units(model, config, sigmas=None):
     """The arrays RSO searches, in search order (line 5: d = D down to 1 for "last-to-first").
 
-    ``sigmas`` (name -> float) gives sigma_d from a saved run; otherwise sigma_d is computed from the
-    current weights (line 3), which must then be the freshly initialised ones.
+    ``sigmas`` (name -> float) gives sigma_d from a saved run; otherwise sigma_d comes from
+    ``config.sigma_from`` (with "weights", the current weights must be the freshly initialised ones).
     """
-    units = []
+    units, owner = [], {}
+    conv_before = None
     for li, (lname, layer) in enumerate(model.named_layers()):
         is_bn = isinstance(layer, BatchNorm2d)
+        conv_before = li if not is_bn and layer.params else conv_before
+        owner[li] = conv_before if is_bn and config.bn_after_conv and conv_before is not None else li
         if is_bn and not config.search_batch_norm:
             continue
         for pname, arr in layer.params.items():
             name = f"{lname}.{pname}"
-            if sigmas is not None and name in sigmas:
-                sigma = float(sigmas[name])
-            elif is_bn:
-                sigma = config.bn_sigma
-            else:
-                sigma = float(to_numpy(arr).astype(np.float64).std())   # line 3: sigma_d <- std(W_d)
-            units.append(SearchUnit(name, li, arr, sigma, decay=not is_bn))
-    if config.layer_order == "last-to-first":
-        # line 5, "for d = D down to 1": layers from the one closest to the labels; inside a layer the
-        # parameters keep their own order (a batch norm's scale before its shift).
-        order = sorted(range(len(units)), key=lambda i: (-units[i].layer_index, i))
-        units = [units[i] for i in order]
-    return units
+            sigma = float(sigmas[name]) if sigmas is not None and name in sigmas else \
+                _sigma(layer, arr, is_bn, config)
+            units.append(SearchUnit(name, li, arr, sigma, decay=not is_bn or config.decay_bn, batch_norm=is_bn))
+
+    def key(i):
+        u = units[i]
+        o = owner[u.layer_index]
+        # with bn_after_conv a batch norm follows its conv's weights, shift ("bias") before scale
+        rank = (u.name.endswith(".weight"), i) if u.batch_norm and config.bn_after_conv else (False, i)
+        return (-o if config.layer_order == "last-to-first" else o, u.layer_index, rank)
+    # line 5, "for d = D down to 1": layers from the one closest to the labels; inside a layer the
+    # parameters keep their own order (a batch norm's scale before its shift) unless bn_after_conv.
+    return [units[i] for i in sorted(range(len(units)), key=key)]
 
 
 def sigma_at_round(sigma, c, rounds, schedule):
-    """sigma_d for round c (1-based) of ``rounds``: constant, or linear from sigma_d to sigma_d / 10."""
+    """sigma_d for round c (1-based) of ``rounds``: constant; linear from sigma_d to sigma_d / 10
+    ("linear", the paper); or sigma_d * (0.1 + 0.9 * (rounds - c + 1) / rounds) ("authors")."""
+    if schedule == "authors":
+        return sigma * (0.1 + 0.9 * (rounds - c + 1) / rounds)
     if schedule == "constant" or rounds <= 1:
         return sigma
     return sigma * (1.0 - 0.9 * (c - 1) / (rounds - 1))
@@ -170,6 +221,7 @@ class RSO:
         self.trial_hook = trial_hook
         self.xp = get_array_module(x)
         self._done, self._total = 0, self.num_trials()     # progress within a round
+        self._perm, self._perm_state, self._chunk = None, None, 0   # minibatches="chunks": see start_pass
 
     @property
     def sigmas(self):
@@ -185,27 +237,77 @@ class RSO:
                                          check=False))
 
     def draw(self, sigma):
-        """Lines 8-9: a fresh minibatch (indices, without replacement) and dW ~ N(0, sigma)."""
-        idx = self.rng.choice(self.x.shape[0], self.config.batch_size, replace=False)
+        """Lines 8-9: a minibatch (indices) and dW ~ N(0, sigma). The minibatch is a fresh random draw
+        without replacement, or with ``minibatches="chunks"`` the next chunk of this pass's shuffle."""
+        if self.config.minibatches == "chunks":
+            if self._perm is None:
+                self._shuffle()
+            B = self.config.batch_size
+            k = self._chunk % (self.x.shape[0] // B)
+            self._chunk += 1
+            idx = self._perm[k * B:(k + 1) * B]
+        else:
+            idx = self.rng.choice(self.x.shape[0], self.config.batch_size, replace=False)
         dw = self.rng.normal(0.0, sigma)
         return idx, dw
 
-    def run_round(self, c):
-        """Round c (1-based) of ``self.rounds``: every searched weight exactly once.
+    def _shuffle(self, state=None):
+        """A new order of the training set for the chunks, drawn from ``self.rng`` (or replayed from the
+        generator state ``state`` that it was drawn with, on resume)."""
+        gen = self.rng
+        if state is not None:
+            gen = np.random.Generator(getattr(np.random, state["bit_generator"])())
+            gen.bit_generator.state = state
+        self._perm_state = gen.bit_generator.state
+        self._perm = gen.permutation(self.x.shape[0])
+        self._chunk = 0
+
+    def start_pass(self, unit):
+        """What happens before the trials of one searched array (a layer pass).
+
+        ``bn_statistics="frozen-before"``: every batch norm's statistics are set from the reference
+        batch (the first ``bn_reference_images`` training images, the current weights), and the batch
+        norms before the searched layer normalise with them for the whole pass (evaluation mode); from
+        the searched layer on batch norm uses the minibatch's own statistics. Otherwise every batch norm
+        uses the minibatch's statistics.
+        ``minibatches="chunks"``: a new shuffle of the training set, except for a batch-norm pass, which
+        keeps the shuffle of the pass before it; the chunks start again from the first.
+        """
+        cfg = self.config
+        if cfg.bn_statistics == "frozen-before":
+            self.model.set_reference_stats(self.x[:cfg.bn_reference_images])
+            for i, layer in enumerate(self.model.layers):
+                layer.training = i >= unit.layer_index
+        else:
+            self.model.train()
+        if cfg.minibatches == "chunks":
+            if self._perm is None or not unit.batch_norm:
+                self._shuffle()
+            self._chunk = 0
+
+    def run_round(self, c, start=0, after_pass=None):
+        """Round c (1-based) of ``self.rounds``: every searched weight exactly once. ``start``: the
+        number of layer passes of this round already done (a resumed round); ``after_pass(i, unit,
+        picked)`` is called after each layer pass i.
 
         Returns ``{"counts": {unit name: [n_plus, n_keep, n_minus]}, "choices": {unit name:
-        int8 array of PLUS/KEEP/MINUS per weight}}``.
+        int8 array of PLUS/KEEP/MINUS per weight}}`` for the passes it ran.
         """
-        self.model.train()                      # batch norm: batch statistics during the search
         counts, choices = {}, {}
-        self._done, self._total = 0, self.num_trials()
-        for unit in self.units:                                 # line 5: d = D down to 1
+        self._done, self._total = sum(int(u.array.size) for u in self.units[:start]), self.num_trials()
+        if start == 0:
+            self._perm = None
+        for i, unit in enumerate(self.units[start:], start):    # line 5: d = D down to 1
             sigma = sigma_at_round(unit.sigma, c, self.rounds, self.config.sigma_schedule)
+            self.start_pass(unit)
             with parallel_cpu():                                # conv2d on every CPU core (same numbers)
                 picked = self.search_unit(unit, sigma)
             choices[unit.name] = picked
             counts[unit.name] = [int((picked == PLUS).sum()), int((picked == KEEP).sum()),
                                  int((picked == MINUS).sum())]
+            if after_pass is not None:
+                after_pass(i, unit, picked)
+        self.model.train()
         return {"counts": counts, "choices": choices}
 
     def _tick(self, name):

@@ -47,6 +47,7 @@ from .backend import get_array_module
 from .fast_kernels import (
     Staged,
     Workspace,
+    batch_norm,
     conv2d,
     conv_avg_pool,
     conv_global_avg,
@@ -109,14 +110,6 @@ def conv_block(layers, i, x, in_channels=None, ws=None, out=None, relu=False):
 # --------------------------------------------------------------------------- 4. batched candidates
 
 
-def _bn_groups(x, gamma, beta, eps, groups):
-    """Batch norm in search mode, with each of ``groups`` consecutive blocks of the batch normalised by
-    its own statistics (one block per candidate)."""
-    B = x.shape[0] // groups
-    return get_array_module(x).concatenate([F.batch_norm2d(x[k * B:(k + 1) * B], gamma, beta, eps=eps)[0]
-                                            for k in range(groups)])
-
-
 def forward_grouped(layers, x, groups=1, ws=None):
     """Run ``layers`` on a batch made of ``groups`` minibatches stacked along N (batch norm keeps each
     minibatch's own statistics); a conv and the average pooling after it run as one ``conv_block``, and
@@ -133,8 +126,9 @@ def forward_grouped(layers, x, groups=1, ws=None):
         elif isinstance(layer, Conv2d):
             x = conv_block(layers, i, x, ws=ws)
             i += block_size(layers, i)
-        elif isinstance(layer, BatchNorm2d) and groups > 1:
-            x = _bn_groups(x, layer.params["weight"], layer.params["bias"], layer.eps, groups)
+        elif isinstance(layer, BatchNorm2d) and layer.training:       # each minibatch's own statistics
+            x = batch_norm(x, layer.params["weight"], layer.params["bias"], layer.eps, groups, ws,
+                           (id(layer), groups, x.shape[1]))
             i += 1
         else:
             x = layer.forward(x)
@@ -146,7 +140,7 @@ def forward_channel(layers, x, o, groups):
     """Run per-channel ``layers`` on channel ``o`` alone: x (G*B, 1, H, W) -> (G*B, 1, H', W') or (G*B, 1)."""
     for layer in layers:
         if isinstance(layer, BatchNorm2d):
-            x = _bn_groups(x, layer.params["weight"][o:o + 1], layer.params["bias"][o:o + 1], layer.eps, groups)
+            x = batch_norm(x, layer.params["weight"][o:o + 1], layer.params["bias"][o:o + 1], layer.eps, groups)
         elif isinstance(layer, Flatten):
             x = x.reshape(x.shape[0], -1)
         else:
@@ -204,14 +198,25 @@ class FastRSO(RSO):
         super().__init__(*args, **kwargs)
         self.cache_bytes = default_cache_bytes(self.xp) if cache_bytes is None else int(cache_bytes)
         self.layers = self.model.layers
-        # where activations may be stored: inputs of searched layers with no batch norm before them
-        first_bn = next((i for i, l in enumerate(self.layers) if isinstance(l, BatchNorm2d)), len(self.layers))
-        self._points = sorted({u.layer_index for u in self.units if 0 < u.layer_index <= first_bn})
+        self._points = self._storable()
         self._store = {}                 # layer index -> (weights before it when computed, its input)
 
     # ------------------------------------------------------------------- 1. stored inputs
+    def _storable(self):
+        """The layers whose input may be stored for a pass. With batch-norm statistics of the minibatch,
+        the inputs of searched layers with no batch norm before them (after one, an image's activation
+        depends on the other images of its minibatch). With statistics frozen before the searched layer
+        (``bn_statistics="frozen-before"``), the input of every searched conv or dense layer: everything
+        before it is fixed for the pass. A batch-norm pass starts from its conv's stored input."""
+        if self.config.bn_statistics == "frozen-before":
+            return sorted({u.layer_index for u in self.units if u.layer_index > 0 and not u.batch_norm})
+        first_bn = next((i for i, l in enumerate(self.layers) if isinstance(l, BatchNorm2d)), len(self.layers))
+        return sorted({u.layer_index for u in self.units if 0 < u.layer_index <= first_bn})
+
     def _weights_before(self, k):
-        return [p for layer in self.layers[:k] for p in layer.params.values()]
+        """Everything a stored input of layer k was computed from: the weights before layer k, and the
+        batch-norm statistics there (fixed for a pass with statistics frozen before the searched layer)."""
+        return [p for layer in self.layers[:k] for d in (layer.params, layer.buffers) for p in d.values()]
 
     def _drop_stale(self):
         """Forget every stored input whose layer has a weight before it that differs from the snapshot
@@ -483,7 +488,7 @@ class ChannelDelta:
 
     # the unperturbed network up to the mixing layer m (a) and through it (y)
     def _through_mix(self, z):
-        a = forward_grouped(self.between, z, 1)
+        a = forward_grouped(self.between, z, 1, self.ws)
         if self.mix is None:
             return a, a
         if isinstance(self.mix, Conv2d):
@@ -519,11 +524,18 @@ class ChannelDelta:
 
     def _rest(self, a, y, da, o, cols):
         dy, B, xp = self._dy(da, o, cols), y.shape[0], self.xp
-        yc = _empty_like_activation(xp, (3 * B,) + y.shape[1:], y.dtype)
+        yc = self._activation("yc", (3 * B,) + y.shape[1:], y.dtype)
         xp.add(y, dy[:B], out=yc[:B])
         yc[B:2 * B] = y
         xp.add(y, dy[B:], out=yc[2 * B:])
-        return forward_grouped(self.layers[self.after_at:], yc, 3)
+        return forward_grouped(self.layers[self.after_at:], yc, 3, self.ws)
+
+    def _activation(self, key, shape, dtype):
+        """An empty activation (channels-last in memory), kept in the workspace between trials."""
+        if self.ws is None or len(shape) != 4:
+            return _empty_like_activation(self.xp, shape, dtype)
+        N, C, H, W = shape
+        return self.ws.get(key, (N, H, W, C), dtype).transpose(0, 3, 1, 2)
 
     def _rest_staged(self, a, y, da, o, cols):
         """y + dy (and the ReLU after layer m) done while the next conv copies its input."""

@@ -32,8 +32,9 @@ from .sgd import SGD, SGDConfig
 
 CHECKPOINT = "checkpoint.npz"
 ENGINES = {"literal": RSO, "fast": FastRSO}
-CSV_FIELDS = ("round", "train_loss", "train_acc", "test_loss", "test_acc", "accepted", "seconds",
+CSV_FIELDS = ("round", "train_loss", "train_acc", "test_loss", "test_acc", "best_test_acc", "accepted", "seconds",
               "weight_updates")
+EVAL_BN_STATS = ("population", "reference")
 
 
 @dataclass
@@ -49,11 +50,24 @@ class RunConfig:
     train_limit: int = None
     test_limit: int = None
     eval_train_limit: int = 10000   # training examples used for the per-round train loss/accuracy
+    normalize: str = "standardize"  # input normalisation (data.load_dataset); authors: "center"
+    bn_eps: float = None            # batch norm's epsilon (None: the model's default); authors: 1e-3
+    eval_bn_stats: str = "population"   # batch-norm statistics when evaluating; authors: "reference"
+    eval_each_pass: bool = False    # evaluate the test set after every layer pass too (authors)
     rso: dict = field(default_factory=lambda: RSOConfig().to_dict())
     sgd: dict = field(default_factory=lambda: SGDConfig().to_dict())
 
     def to_json(self):
         return json.dumps(self.__dict__, sort_keys=True)
+
+
+def saved_run_config(out_dir):
+    """The RunConfig recorded in the checkpoint of the run folder ``out_dir``."""
+    ckpt = read_npz(Path(out_dir) / CHECKPOINT)
+    try:
+        return RunConfig(**json.loads(str(ckpt["extra/run_config"])))
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{Path(out_dir) / CHECKPOINT}: no readable run settings ({exc})") from None
 
 
 def check_writable(out_dir):
@@ -115,15 +129,17 @@ class Trainer:
         self.config = config
         if config.rounds is None or config.rounds < 1:
             raise ValueError(f"rounds/epochs must be at least 1, got {config.rounds}")
+        if config.eval_bn_stats not in EVAL_BN_STATS:
+            raise ValueError(f"eval_bn_stats must be one of {EVAL_BN_STATS}, got {config.eval_bn_stats!r}")
         self.xp = get_xp(device)
         self.device = device
         d = data if data is not None else load_dataset(config.dataset, data_dir, config.train_limit,
-                                                       config.test_limit)
+                                                       config.test_limit, normalize=config.normalize)
         self.x_train, self.y_train = to_device(d["x_train"], self.xp), to_device(d["y_train"], self.xp)
         self.x_test, self.y_test = to_device(d["x_test"], self.xp), to_device(d["y_test"], self.xp)
         n_eval = min(config.eval_train_limit or self.x_train.shape[0], self.x_train.shape[0])
         self.x_eval, self.y_eval = self.x_train[:n_eval], self.y_train[:n_eval]
-        self.model = build_model(config.model, seed=config.seed).to(self.xp)
+        self.model = build_model(config.model, seed=config.seed, bn_eps=config.bn_eps).to(self.xp)
         self.rng = np.random.default_rng(config.seed + 1)   # the model's initialisation used `seed`
         self.history = []
         sigmas = None
@@ -155,30 +171,60 @@ class Trainer:
     def rounds_done(self):
         return self.history[-1]["round"] if self.history else 0
 
+    def _set_eval_stats(self):
+        """Batch-norm statistics for evaluation (no-op without batch norm): estimated over the evaluation
+        training images, or those of the reference images (the authors' reset)."""
+        if self.config.eval_bn_stats == "reference":
+            self.model.set_reference_stats(self.x_train[:RSOConfig(**self.config.rso).bn_reference_images])
+        else:
+            self.model.estimate_population_stats(self.x_eval)
+
     def _evaluate(self):
-        self.model.estimate_population_stats(self.x_eval)      # no-op without batch norm
+        self._set_eval_stats()
         tl, ta = evaluate(self.model, self.x_eval, self.y_eval)
         vl, va = evaluate(self.model, self.x_test, self.y_test)
         return {"train_loss": tl, "train_acc": ta, "test_loss": vl, "test_acc": va}
 
-    def _record(self, rnd, seconds, accepted, counts, updates):
+    def _best(self):
+        """The best test accuracy seen so far: after any round, or any layer pass (``eval_each_pass``)."""
+        seen = [r["test_acc"] for r in self.history] + [p["test_acc"] for r in self.history for p in r.get("passes", ())]
+        return max(seen) if seen else None
+
+    def _after_pass(self, i, unit, picked):
+        """eval_each_pass: the test set after layer pass i of the round, as the authors' logs have it
+        (the time it takes is not counted in the round's seconds)."""
+        t = time.perf_counter()
+        self._set_eval_stats()
+        loss, acc = evaluate(self.model, self.x_test, self.y_test)
+        self._passes.append({"pass": i, "unit": unit.name, "test_loss": loss, "test_acc": acc})
+        best = max([self._best() or 0.0] + [p["test_acc"] for p in self._passes])
+        self.log(f"      after {unit.name:<13} test loss {loss:.4f}, test acc {100 * acc:.2f}% (best {100 * best:.2f}%)")
+        synchronize(self.xp)
+        self._eval_seconds += time.perf_counter() - t
+
+    def _record(self, rnd, seconds, accepted, counts, updates, passes=None):
         rec = {"round": rnd, **self._evaluate(), "accepted": accepted, "seconds": seconds,
                "weight_updates": updates}
         if counts is not None:
             rec["counts"] = counts
+        if passes:
+            rec["passes"] = passes
         self.history.append(rec)
+        rec["best_test_acc"] = self._best()
         return rec
 
     def header(self):
         unit = "round" if self.config.optimizer == "rso" else "epoch"
         return (f"{unit:>5} | {'train loss':>10} | {'train acc':>9} | {'test loss':>9} | {'test acc':>8} | "
-                f"{'accepted':>8} | {'seconds':>8}")
+                f"{'best':>7} | {'accepted':>8} | {'seconds':>8}")
 
     @staticmethod
     def row(rec):
         acc = "" if rec["accepted"] is None else f"{100 * rec['accepted']:7.1f}%"
+        best = rec.get("best_test_acc", rec["test_acc"])
         return (f"{rec['round']:5d} | {rec['train_loss']:10.4f} | {100 * rec['train_acc']:8.2f}% | "
-                f"{rec['test_loss']:9.4f} | {100 * rec['test_acc']:7.2f}% | {acc:>8} | {rec['seconds']:8.1f}")
+                f"{rec['test_loss']:9.4f} | {100 * rec['test_acc']:7.2f}% | {100 * best:6.2f}% | {acc:>8} | "
+                f"{rec['seconds']:8.1f}")
 
     def run(self, stop_after=None):
         """Train until ``config.rounds`` (or for ``stop_after`` rounds of this call); returns the history."""
@@ -191,9 +237,10 @@ class Trainer:
             self.log(f"(resumed after {self.rounds_done} of {cfg.rounds})")
         last = cfg.rounds if stop_after is None else min(cfg.rounds, self.rounds_done + stop_after)
         for rnd in range(self.rounds_done + 1, last + 1):
-            t = time.perf_counter()
+            t, self._eval_seconds = time.perf_counter(), 0.0
             if cfg.optimizer == "rso":
-                stats = self.opt.run_round(rnd)
+                self._passes, self._eval_seconds = [], 0.0
+                stats = self.opt.run_round(rnd, after_pass=self._after_pass if cfg.eval_each_pass else None)
                 counts = stats["counts"]
                 trials = sum(sum(c) for c in counts.values())
                 accepted = sum(c[0] + c[2] for c in counts.values()) / trials
@@ -203,7 +250,8 @@ class Trainer:
                 counts, accepted = None, None
                 updates = rnd * self.opt.steps_per_epoch()
             synchronize(self.xp)
-            rec = self._record(rnd, time.perf_counter() - t, accepted, counts, updates)
+            rec = self._record(rnd, time.perf_counter() - t - self._eval_seconds, accepted, counts, updates,
+                               self._passes if cfg.optimizer == "rso" else None)
             self.log(self.row(rec))
             self.save()
         return self.history

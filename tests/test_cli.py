@@ -187,12 +187,12 @@ def test_checkpoint_other_model_or_corrupt(capsys, tmp_path, fake_mnist):
     before = (out / "history.json").read_text()
     extra = {k[len("extra/"):]: v for k, v in ck.items() if k.startswith("extra/")}
     paper_mnist().save(out / "checkpoint.npz", extra=extra)
-    code, _, err = run_cli([*base, "--resume", "--epochs", "2"], capsys)
+    code, _, err = run_cli([*base, "--resume"], capsys)
     assert_one_line_error(code, err, "cannot resume", "architecture mismatch")
     # a truncated checkpoint
     p = out / "checkpoint.npz"
     p.write_bytes(p.read_bytes()[:300])
-    code, _, err = run_cli([*base, "--resume", "--epochs", "2"], capsys)
+    code, _, err = run_cli([*base, "--resume"], capsys)
     assert_one_line_error(code, err, "checkpoint.npz", "corrupt or truncated")
     assert (out / "history.json").read_text() == before, "failed runs leave the folder as it was"
     assert sorted(x.name for x in out.iterdir()) == ["checkpoint.npz", "history.csv", "history.json", "loss.png"]

@@ -13,7 +13,7 @@ from rso_np import fast_kernels
 from rso_np import rso_fast
 from rso_np.backend import to_numpy
 from rso_np.models import paper_mnist, small_mnist
-from rso_np.rso import RSO, RSOConfig
+from rso_np.rso import AUTHORS, RSO, RSOConfig
 from rso_np.rso_fast import FastRSO
 
 from .conftest import mnist_dir
@@ -82,7 +82,12 @@ def compare(xp, build, size, rounds=1, batch=16, n=300, monkeypatch=None, **cfg)
     (lambda: paper_mnist(batch_norm=True, channels=4), 14, {"weight_decay": 1e-4}),
     (lambda: paper_mnist(batch_norm=True, channels=4), 14, {"layer_order": "first-to-last",
                                                            "loss_agg": "mean"}),
-], ids=["small", "paper", "paper_bn_wd", "paper_bn_ablation"])
+    (lambda: paper_mnist(batch_norm=True, channels=4, bn_eps=1e-3), 14, dict(AUTHORS, bn_reference_images=100)),
+    (lambda: paper_mnist(batch_norm=True, channels=4), 14, {"bn_statistics": "frozen-before",
+                                                           "layer_order": "first-to-last"}),
+    (lambda: paper_mnist(channels=4), 14, {"minibatches": "chunks", "sigma_from": "he"}),
+], ids=["small", "paper", "paper_bn_wd", "paper_bn_ablation", "paper_bn_authors", "paper_bn_frozen_first_to_last",
+        "paper_chunks"])
 def test_fast_matches_literal(xp, monkeypatch, build, size, cfg):
     compare(xp, build, size, monkeypatch=monkeypatch, **cfg)
 
