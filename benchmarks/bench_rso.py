@@ -2,6 +2,7 @@
 
     python benchmarks/bench_rso.py [--model paper_mnist] [--batch-size 256] [--device cpu|gpu]
                                    [--trials 20] [--torch] [--data-dir DIR] [--out FILE]
+    python benchmarks/bench_rso.py --preset paper [--batch-size 5000] [--engines fast,fast_no_bn] [--torch]
 
 For every searched array of the model it times ``--trials`` trials of each engine, and estimates the
 seconds of a full round as the sum over layers of (weights x seconds per trial), plus, for the fast
@@ -9,6 +10,10 @@ engine, the time to store the activations that a round's layer passes start from
 JSON object with the per-layer figures, the estimated round for each engine and their ratio, all measured
 in the same run, layer by layer with the engines in turn (absolute times on a shared CPU are noisy; the
 ratio is what to compare).
+
+``--preset paper`` times the authors' search (``rso.AUTHORS``: batch-norm statistics frozen before the
+searched layer, chunked minibatches, ...) on ``paper_mnist_bn``; ``--engines fast,fast_no_bn`` times the
+fast engine on it and on the same network without batch norm, layer by layer in turn.
 
 ``--torch`` also times the straightforward PyTorch version of the same algorithm on the same network and
 minibatches (three ``model(x)`` calls per weight under ``no_grad``); it is skipped with a message where
@@ -55,9 +60,13 @@ def engine_timer(engine_cls, model_name, x, y, cfg, xp, bn_eps=None):
     eng = engine_cls(model, xp.asarray(x), xp.asarray(y), cfg, np.random.default_rng(0), rounds=1)
     model.train()
 
-    def time_layer(i, trials):
+    names = [u.name for u in eng.units]
+
+    def time_layer(name, trials):
+        if name not in names:                                  # a unit this network does not have
+            return None
         with parallel_cpu():                                   # as RSO.run_round searches a layer
-            return _time_layer(i, trials)
+            return _time_layer(names.index(name), trials)
 
     def _time_layer(i, trials):
         unit = eng.units[i]
@@ -81,7 +90,7 @@ def engine_timer(engine_cls, model_name, x, y, cfg, xp, bn_eps=None):
         synchronize(xp)
         per_trial = (time.perf_counter() - t) / k
         return {"weights": n, "trials_timed": k, "s_per_trial": per_trial, "setup_s": setup}
-    return time_layer, [u.name for u in eng.units]
+    return time_layer, names
 
 
 # ------------------------------------------------------------------------------------------ PyTorch
@@ -144,8 +153,8 @@ def torch_timer(model_name, x, y, cfg, bn_eps=None):
             losses.append(float(tF.cross_entropy(net(xb).double(), yb, reduction="sum")))
         p[j] = (w + dw, w, w - dw)[int(np.argmin(losses))]
 
-    def time_layer(i, trials):
-        unit = units[i]
+    def time_layer(name, trials):
+        unit = next(u for u in units if u.name == name)
         p = params[names[unit.name]].view(-1)
         n = p.numel()
         k = min(trials, n)
@@ -156,6 +165,9 @@ def torch_timer(model_name, x, y, cfg, bn_eps=None):
                 trial(p, unit.sigma, j)
         return {"weights": n, "trials_timed": k, "s_per_trial": (time.perf_counter() - t) / k, "setup_s": 0.0}
     return time_layer
+
+
+ENGINES = ("literal", "fast", "fast_no_bn")
 
 
 def round_seconds(layers):
@@ -171,7 +183,9 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, help="minibatch (default: 256; --preset paper: 5000)")
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     ap.add_argument("--trials", type=int, default=20, help="trials timed per layer and engine (default: 20)")
-    ap.add_argument("--engines", default="literal,fast", help="comma-separated: literal,fast (default: both)")
+    ap.add_argument("--engines", default="literal,fast",
+                    help="comma-separated: literal, fast, fast_no_bn (the fast engine on the same network "
+                         "without batch norm; default: literal,fast)")
     ap.add_argument("--torch", action="store_true", help="also time the straightforward PyTorch version")
     ap.add_argument("--data-dir", help="folder with the MNIST .gz files (default: $RSO_NP_DATA/mnist)")
     ap.add_argument("--out", help="also write the JSON to this file")
@@ -195,8 +209,11 @@ def main(argv=None):
         res["cupy"] = cupy.__version__
     timers, units = {}, None
     for name in args.engines.split(","):
-        if name not in ("literal", "fast"):
-            ap.error(f"unknown engine {name!r} in --engines")
+        if name not in ENGINES:
+            ap.error(f"unknown engine {name!r} in --engines (choose from {', '.join(ENGINES)})")
+        if name == "fast_no_bn":                 # the same network and search without its batch norms
+            timers[name] = engine_timer(FastRSO, args.model.replace("_bn", ""), x, y, cfg, xp)[0]
+            continue
         timers[name], units = engine_timer(FastRSO if name == "fast" else RSO, args.model, x, y, cfg, xp, bn_eps)
     if args.torch:
         try:
@@ -211,16 +228,18 @@ def main(argv=None):
         units = [u.name for u in RSO(build_model(args.model), x[:cfg.batch_size], y[:cfg.batch_size], cfg).units]
     # layer by layer, every engine in turn: a slow spell of a shared machine then hits all of them alike
     layers = {name: {} for name in timers}
-    for i, unit in enumerate(units):
+    for unit in units:
         for name, time_layer in timers.items():
             print(f"timing {unit} with {name} ...", file=sys.stderr, flush=True)
-            layers[name][unit] = time_layer(i, args.trials)
+            timing = time_layer(unit, args.trials)
+            if timing is not None:
+                layers[name][unit] = timing
     for name in timers:
         res["engines"][name] = {"layers": layers[name], "round_s": round_seconds(layers[name])}
     rounds = {k: v["round_s"] for k, v in res["engines"].items()}
     res["round_s"] = rounds
     if "fast" in rounds:
-        for other in ("literal", "torch"):
+        for other in ("literal", "torch", "fast_no_bn"):
             if other in rounds:
                 res[f"speedup_fast_vs_{other}"] = rounds[other] / rounds["fast"]
     emit(res, args.out)

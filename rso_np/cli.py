@@ -266,7 +266,7 @@ def main(argv=None):
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted; the last finished round is in checkpoint.npz (continue with --resume)",
-              file=sys.stderr)
+        print(f"\n{PROG}: interrupted; checkpoint.npz holds the run up to its last finished round "
+              "(RSO: layer pass); continue with --resume", file=sys.stderr)
         return 130
     return 0

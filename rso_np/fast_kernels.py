@@ -415,6 +415,38 @@ def _channel_sums(v, image_rows):
     return s1 / M, s2 / M
 
 
+def channels_last(x):
+    """Whether x (N, C, H, W) is stored channels-last (NHWC) in one block, as conv2d writes it."""
+    return get_array_module(x) is np and x.transpose(0, 2, 3, 1).flags.c_contiguous
+
+
+def bn_scale_shift(x, gamma, beta, eps, groups=1):
+    """Batch norm with the batch statistics of each of ``groups`` consecutive equal blocks of x (NumPy,
+    channels-last) as x * scale[g] + shift[g]: (scale, shift), each (groups, C) in x's dtype, with
+    scale = gamma / sqrt(var + eps) and shift = beta - mean * scale."""
+    N, C, H, W = x.shape
+    mean, sq = _channel_sums(x.transpose(0, 2, 3, 1).reshape(groups, -1, C), H * W)
+    mean32 = mean.astype(x.dtype)
+    var32 = np.maximum(sq - mean * mean, 0.0).astype(x.dtype)
+    scale = (1.0 / np.sqrt(var32 + x.dtype.type(eps))) * gamma
+    return scale, beta - mean32 * scale
+
+
+def staged_bn_relu(x, scale, shift):
+    """relu(x * scale[g] + shift[g]) for the images of group g (``bn_scale_shift``), applied while a
+    convolution copies x: batch norm and ReLU cost no pass over memory of their own."""
+    src, B = x.transpose(0, 2, 3, 1), x.shape[0] // scale.shape[0]
+
+    def fill(dst, s, e):
+        for g in range(s // B, (e - 1) // B + 1):           # the groups this block of images spans
+            a, b = max(s, g * B), min(e, (g + 1) * B)
+            out = dst[a - s:b - s]
+            np.multiply(src[a:b], scale[g], out=out)
+            out += shift[g]
+            np.maximum(out, 0, out=out)
+    return Staged(fill, x.shape, x.dtype)
+
+
 def batch_norm(x, gamma, beta, eps, groups=1, ws=None, key=None):
     """``functional.batch_norm2d(x_g, gamma, beta, eps=eps)[0]`` with the batch statistics of each of
     ``groups`` consecutive equal blocks x_g of x (N, C, H, W), the blocks concatenated: (N, C, H, W).
@@ -426,16 +458,11 @@ def batch_norm(x, gamma, beta, eps, groups=1, ws=None, key=None):
     """
     N, C, H, W = x.shape
     B = N // groups
-    xl = x.transpose(0, 2, 3, 1)
-    if get_array_module(x) is not np or not xl.flags.c_contiguous:
+    if not channels_last(x):
         return get_array_module(x).concatenate([F.batch_norm2d(x[k * B:(k + 1) * B], gamma, beta, eps=eps)[0]
                                                 for k in range(groups)])
-    v = xl.reshape(groups, B * H * W, C)
-    mean, sq = _channel_sums(v, H * W)
-    mean32 = mean.astype(x.dtype)
-    var32 = np.maximum(sq - mean * mean, 0.0).astype(x.dtype)
-    scale = (1.0 / np.sqrt(var32 + x.dtype.type(eps))) * gamma
-    shift = beta - mean32 * scale
+    v = x.transpose(0, 2, 3, 1).reshape(groups, B * H * W, C)
+    scale, shift = bn_scale_shift(x, gamma, beta, eps, groups)
     out = _take(ws, key, (N, H, W, C), x.dtype)
     out = np.empty((N, H, W, C), dtype=x.dtype) if out is None else out
     o = out.reshape(groups, B * H * W, C)

@@ -59,8 +59,8 @@ class Progress:
         self.bar, self.what = None, None
 
     def __call__(self, done, total, what):
-        if self.bar is None or done <= self.bar.n or total != self.bar.total:    # a new round
-            self._open(total, what)
+        if self.bar is None or done <= self.bar.n or total != self.bar.total:    # a new round (or resumed)
+            self._open(total, what, done - 1)
         elif what != self.what:
             self.what = what
             self.bar.set_description_str(what, refresh=False)
@@ -68,15 +68,17 @@ class Progress:
         if done >= total:
             self.close()
 
-    def _open(self, total, what):
+    def _open(self, total, what, initial=0):
+        """A bar for a round of ``total``; ``initial``: trials already done (a resumed round), which the
+        rate and the time left do not count."""
         self.close()
         self.what = what
         if self.interactive:
-            self.bar = auto_tqdm(total=total, desc=what, unit=self.unit, file=self.stream, leave=False,
-                                 dynamic_ncols=True)
+            self.bar = auto_tqdm(total=total, initial=initial, desc=what, unit=self.unit, file=self.stream,
+                                 leave=False, dynamic_ncols=True)
         else:                   # the first line after log_every seconds, then one every log_every seconds
-            self.bar = plain_tqdm(total=total, desc=what, unit=self.unit, file=_Lines(self.stream), leave=False,
-                                  delay=self.log_every, mininterval=self.log_every,
+            self.bar = plain_tqdm(total=total, initial=initial, desc=what, unit=self.unit, file=_Lines(self.stream),
+                                  leave=False, delay=self.log_every, mininterval=self.log_every,
                                   maxinterval=max(self.log_every, 10.0), bar_format=LINE)
 
     def close(self):

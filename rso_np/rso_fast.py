@@ -48,9 +48,12 @@ from .fast_kernels import (
     Staged,
     Workspace,
     batch_norm,
+    bn_scale_shift,
+    channels_last,
     conv2d,
     conv_avg_pool,
     conv_global_avg,
+    staged_bn_relu,
     staged_candidates,
     staged_relu,
     staged_rows,
@@ -123,6 +126,12 @@ def forward_grouped(layers, x, groups=1, ws=None):
                 and not isinstance(x, Staged) and _staging(get_array_module(x))):
             x = conv_block(layers, i + 1, staged_relu(x), ws=ws)
             i += 1 + block_size(layers, i + 1)
+        elif (isinstance(layer, BatchNorm2d) and layer.training and [type(l) for l in layers[i + 1:i + 3]] == [ReLU, Conv2d]
+              and not isinstance(x, Staged) and _staging(np) and channels_last(x)):
+            # batch norm (each minibatch's statistics) and ReLU applied as the next conv copies its input
+            scale, shift = bn_scale_shift(x, layer.params["weight"], layer.params["bias"], layer.eps, groups)
+            x = conv_block(layers, i + 2, staged_bn_relu(x, scale, shift), ws=ws)
+            i += 2 + block_size(layers, i + 2)
         elif isinstance(layer, Conv2d):
             x = conv_block(layers, i, x, ws=ws)
             i += block_size(layers, i)

@@ -1,6 +1,8 @@
 """Running a training job: rounds (RSO) or epochs (SGD), evaluation, history, plots, checkpoints, resume.
 
-Files written into the run folder, each atomically (temporary file, then rename), after every round:
+Files written into the run folder, each atomically (temporary file, then rename), after every round (and
+for RSO after every layer pass, with the position in the round, so that a stopped run loses at most the
+layer pass it was in):
 ``history.json`` and ``history.csv`` (one record per round, round 0 being the initial network),
 ``loss.png`` (loss per round, with an accuracy panel) and ``checkpoint.npz`` (weights, optimiser state,
 the random generator's state, the history and the run's settings). A run resumed from its checkpoint
@@ -26,7 +28,7 @@ from .losses import accuracy, logit_cross_entropy
 from .model import CheckpointError, read_npz
 from .models import build_model
 from .plotting import plot_runs
-from .rso import RSO, RSOConfig
+from .rso import KEEP, MINUS, PLUS, RSO, RSOConfig
 from .rso_fast import FastRSO
 from .sgd import SGD, SGDConfig
 
@@ -142,6 +144,7 @@ class Trainer:
         self.model = build_model(config.model, seed=config.seed, bn_eps=config.bn_eps).to(self.xp)
         self.rng = np.random.default_rng(config.seed + 1)   # the model's initialisation used `seed`
         self.history = []
+        self.position = None    # within a round: {"round", "passes_done", "counts", "passes", "seconds", "perm_state"}
         sigmas = None
         if ckpt is not None:
             try:
@@ -151,6 +154,7 @@ class Trainer:
             self.rng = rng_from_json(str(ckpt["extra/rng_state"]))
             self.history = json.loads(str(ckpt["extra/history"]))
             sigmas = json.loads(str(ckpt["extra/sigmas"]))
+            self.position = json.loads(str(ckpt["extra/position"])) if "extra/position" in ckpt else None
         if config.optimizer == "rso":
             if config.engine not in ENGINES:
                 raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {config.engine!r}")
@@ -191,16 +195,25 @@ class Trainer:
         return max(seen) if seen else None
 
     def _after_pass(self, i, unit, picked):
-        """eval_each_pass: the test set after layer pass i of the round, as the authors' logs have it
-        (the time it takes is not counted in the round's seconds)."""
-        t = time.perf_counter()
-        self._set_eval_stats()
-        loss, acc = evaluate(self.model, self.x_test, self.y_test)
-        self._passes.append({"pass": i, "unit": unit.name, "test_loss": loss, "test_acc": acc})
-        best = max([self._best() or 0.0] + [p["test_acc"] for p in self._passes])
-        self.log(f"      after {unit.name:<13} test loss {loss:.4f}, test acc {100 * acc:.2f}% (best {100 * best:.2f}%)")
+        """After layer pass i of the round: its counts; with eval_each_pass the test set, as the authors'
+        logs have it; a checkpoint with the position in the round. Neither is counted in the round's
+        seconds."""
         synchronize(self.xp)
-        self._eval_seconds += time.perf_counter() - t
+        self._seconds += time.perf_counter() - self._t
+        self._counts[unit.name] = [int((picked == k).sum()) for k in (PLUS, KEEP, MINUS)]
+        if self.config.eval_each_pass:
+            self._set_eval_stats()
+            loss, acc = evaluate(self.model, self.x_test, self.y_test)
+            self._passes.append({"pass": i, "unit": unit.name, "test_loss": loss, "test_acc": acc})
+            best = max([self._best() or 0.0] + [p["test_acc"] for p in self._passes])
+            self.log(f"      after {unit.name:<13} test loss {loss:.4f}, test acc {100 * acc:.2f}% "
+                     f"(best {100 * best:.2f}%)")
+        if i + 1 < len(self.opt.units):               # the last pass: the round's own checkpoint follows
+            self.position = {"round": self._round, "passes_done": i + 1, "counts": self._counts,
+                             "passes": self._passes, "seconds": self._seconds,
+                             "perm_state": self.opt._perm_state}
+            self.save()
+        self._t = time.perf_counter()
 
     def _record(self, rnd, seconds, accepted, counts, updates, passes=None):
         rec = {"round": rnd, **self._evaluate(), "accepted": accepted, "seconds": seconds,
@@ -237,29 +250,44 @@ class Trainer:
             self.log(f"(resumed after {self.rounds_done} of {cfg.rounds})")
         last = cfg.rounds if stop_after is None else min(cfg.rounds, self.rounds_done + stop_after)
         for rnd in range(self.rounds_done + 1, last + 1):
-            t, self._eval_seconds = time.perf_counter(), 0.0
             if cfg.optimizer == "rso":
-                self._passes, self._eval_seconds = [], 0.0
-                stats = self.opt.run_round(rnd, after_pass=self._after_pass if cfg.eval_each_pass else None)
-                counts = stats["counts"]
+                seconds, counts = self._rso_round(rnd)
                 trials = sum(sum(c) for c in counts.values())
                 accepted = sum(c[0] + c[2] for c in counts.values()) / trials
                 updates = rnd
             else:
+                t = time.perf_counter()
                 self.opt.run_epoch(rnd)
-                counts, accepted = None, None
+                synchronize(self.xp)
+                seconds, counts, accepted = time.perf_counter() - t, None, None
                 updates = rnd * self.opt.steps_per_epoch()
-            synchronize(self.xp)
-            rec = self._record(rnd, time.perf_counter() - t - self._eval_seconds, accepted, counts, updates,
+            rec = self._record(rnd, seconds, accepted, counts, updates,
                                self._passes if cfg.optimizer == "rso" else None)
+            self.position = None
             self.log(self.row(rec))
             self.save()
         return self.history
 
+    def _rso_round(self, rnd):
+        """Round rnd of RSO, from where a stopped run left it: (seconds searching, counts per unit)."""
+        pos = self.position if self.position and self.position["round"] == rnd else None
+        start = pos["passes_done"] if pos else 0
+        self._passes = pos["passes"] if pos else []
+        self._counts = pos["counts"] if pos else {}
+        self._seconds = pos["seconds"] if pos else 0.0
+        if pos:
+            self.log(f"      (round {rnd} resumed after {start} of {len(self.opt.units)} layer passes)")
+            if pos.get("perm_state"):
+                self.opt._shuffle(pos["perm_state"])        # the shuffle a batch-norm pass goes on with
+        self._round, self._t = rnd, time.perf_counter()
+        self.opt.run_round(rnd, start=start, after_pass=self._after_pass)
+        return self._seconds + time.perf_counter() - self._t, self._counts
+
     def save(self):
         """Checkpoint, history.json, history.csv and loss.png, each atomically."""
         extra = {"run_config": np.array(self.config.to_json()), "rng_state": np.array(rng_state_json(self.rng)),
-                 "history": np.array(json.dumps(self.history)), "sigmas": np.array(json.dumps(self.sigmas))}
+                 "history": np.array(json.dumps(self.history)), "sigmas": np.array(json.dumps(self.sigmas)),
+                 "position": np.array(json.dumps(self.position))}
         if self.config.optimizer == "sgd":
             extra.update({f"velocity/{k}": to_device(v, "cpu") for k, v in self.opt.velocity.items()})
         self.model.save(self.out / CHECKPOINT, extra=extra)

@@ -152,3 +152,28 @@ def test_conv_avg_pool_vs_loops(shape, k, padding, pool, pool_stride):
     out = FK.conv_avg_pool(x, W, b, padding, pool, pool_stride)
     assert out.shape == ref.shape and np.abs(out - ref).max() < 1e-12
     assert np.abs(out - F.avg_pool2d(F.conv2d(x, W, b, 1, padding), pool, pool_stride)).max() < 1e-12
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("channels", [1, 5])
+def test_batch_norm_vs_reference(groups, channels):
+    """Batch norm with each group's own statistics (channels-last data, as a conv writes it), and staged
+    with the ReLU after it: against functional.batch_norm2d group by group, and against float64 formulas."""
+    rng = np.random.default_rng(4)
+    B, H, W = 6, 5, 7
+    x = (rng.standard_normal((groups * B, H, W, channels)) * 3 + 1).astype(np.float32).transpose(0, 3, 1, 2)
+    g, b = rng.standard_normal(channels).astype(np.float32), rng.standard_normal(channels).astype(np.float32)
+    ref = np.concatenate([F.batch_norm2d(x[k * B:(k + 1) * B], g, b, eps=1e-3)[0] for k in range(groups)])
+    x64 = x.astype(np.float64).reshape(groups, B, channels, H, W)
+    m, v = x64.mean(axis=(1, 3, 4), keepdims=True), x64.var(axis=(1, 3, 4), keepdims=True)
+    exact = ((x64 - m) / np.sqrt(v + 1e-3) * g[:, None, None] + b[:, None, None]).reshape(x.shape)
+    got = FK.batch_norm(x, g, b, 1e-3, groups)
+    assert np.abs(got - ref).max() < 1e-5 and np.abs(got - exact).max() < 1e-5
+    assert np.abs(ref - exact).max() < 1e-5
+    staged = FK.staged_bn_relu(x, *FK.bn_scale_shift(x, g, b, 1e-3, groups))
+    assert np.array_equal(staged.array(), np.maximum(got, 0))
+    out = np.empty((groups * B, H, W, channels), np.float32)
+    for s, e in ((0, 4), (4, 5), (5, groups * B)):                # blocks across the groups' borders
+        staged.fill(out[s:e], s, e)
+    assert np.array_equal(out.transpose(0, 3, 1, 2), np.maximum(got, 0))
+    assert np.abs(FK.batch_norm(np.ascontiguousarray(x), g, b, 1e-3, groups) - ref).max() < 1e-5   # NCHW: the reference
