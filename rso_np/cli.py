@@ -144,6 +144,20 @@ def build_parser():
     g.add_argument("--lr-schedule", choices=("linear", "constant"),
                    help="linear: lr falls to 0 over the run (default); constant")
 
+    sw = sub.add_parser("sweep", help="run a grid of train runs (seeds, ablations) on Dask",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, description=(
+                            "Run every point of a SPEC file (TOML or JSON: [base] train options, [axes] lists "
+                            "of values,\noptional out = folder) as an ordinary run folder under the sweep's "
+                            "folder, on a Dask\nLocalCluster (one single-threaded worker per core) or on "
+                            "--scheduler ADDRESS. Finished points\nare skipped, unfinished ones go on from "
+                            "their checkpoints; a failed point is reported and the\nothers go on. Writes "
+                            "sweep.csv, sweep.md and sweep.png. Exit status 0 when every point finished,\n1 "
+                            "when some failed, 2 for a bad SPEC."))
+    sw.add_argument("spec", metavar="SPEC", help="the sweep's .toml or .json file")
+    sw.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler (e.g. tcp://host:8786)")
+    sw.add_argument("--workers", type=positive_int, metavar="N", help="LocalCluster workers (default: one per core)")
+    sw.add_argument("--report", action="store_true", help="only write the table and figure of the points so far")
+
     pl = sub.add_parser("plot", help="overlay the loss and accuracy of several runs (e.g. RSO vs SGD)")
     pl.add_argument("runs", nargs="+", metavar="DIR", help="run folders written by 'train'")
     pl.add_argument("--out", required=True, metavar="FILE", help="image to write (e.g. compare.png)")
@@ -257,6 +271,9 @@ def main(argv=None):
         args = build_parser().parse_args(argv)
         if args.command == "train":
             cmd_train(args)
+        elif args.command == "sweep":
+            from .sweep import main as sweep_main
+            return sweep_main(args.spec, args.scheduler, args.workers, args.report)
         else:
             cmd_plot(args)
     except UsageError as exc:

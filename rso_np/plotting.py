@@ -62,3 +62,33 @@ def plot_runs(runs, path, x="rounds", title=None):
         fig.suptitle(title)
     fig.tight_layout()
     _atomic_savefig(fig, path)
+
+
+def plot_sweep(curves, path, title=None):
+    """Test accuracy per round of a sweep's points, grouped by their settings other than the seed: the mean
+    over seeds as a line, +- one standard deviation as a band.
+
+    ``curves``: list of (settings dict, rounds, test accuracies) per point.
+    """
+    import numpy as np
+    groups = {}
+    for settings, rounds, accs in curves:
+        key = ", ".join(f"{k}={v}" for k, v in settings.items() if k != "seed") or "all points"
+        groups.setdefault(key, []).append((rounds, accs))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (key, runs) in enumerate(sorted(groups.items())):
+        n = min(len(r) for r, _ in runs)                     # the rounds every seed has reached
+        acc = 100 * np.array([a[:n] for _, a in runs])
+        m, s = acc.mean(axis=0), acc.std(axis=0)
+        xs = runs[0][0][:n]
+        ax.plot(xs, m, "-o", ms=3, color=f"C{i}", label=f"{key} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+        ax.fill_between(xs, m - s, m + s, color=f"C{i}", alpha=0.2)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (%), mean +- std over seeds")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    _atomic_savefig(fig, path)
