@@ -12,6 +12,9 @@ run folder under the sweep's output folder, named from its settings::
     layer_order = ["last-to-first", "first-to-last"]
     seed = [0, 1, 2]
 
+``stop_after = N`` in a SPEC means N rounds in all (e.g. the first 2 rounds of the 50-round schedule of
+``rounds = 50``): a point is finished when it has run them.
+
 ``run_sweep`` runs the points that are not finished on a Dask cluster: a ``LocalCluster`` it starts (one
 single-threaded worker process per core, so that the workers do not fight over BLAS threads), or an
 existing one (``scheduler``). A worker runs a point as ``train`` would, in its folder: from scratch, or
@@ -29,7 +32,7 @@ from itertools import product
 from pathlib import Path
 
 SPEC_KEYS = ("base", "axes", "out")
-NOT_IN_SPEC = ("out", "resume", "stop_after", "no_progress", "preset_help")   # per-invocation options
+NOT_IN_SPEC = ("out", "resume", "no_progress")           # options of one invocation of train
 
 
 class SpecError(ValueError):
@@ -119,14 +122,19 @@ def load_spec(path):
     return out, points
 
 
+def _target(options, rounds):
+    """The rounds a point runs in all: its schedule's, or fewer with ``stop_after``."""
+    return min(rounds, int(options["stop_after"])) if options.get("stop_after") else rounds
+
+
 def point_status(point):
-    """"done" (every round of the run finished), "partial" (a checkpoint to go on from) or "new"."""
+    """"done" (every round of the point finished), "partial" (a checkpoint to go on from) or "new"."""
     from .training import CHECKPOINT, load_run
     if not (point.out / CHECKPOINT).exists():
         return "new"
     try:
         meta = load_run(point.out)
-        if meta["history"] and meta["history"][-1]["round"] >= meta["settings"]["rounds"]:
+        if meta["history"] and meta["history"][-1]["round"] >= _target(point.options, meta["settings"]["rounds"]):
             return "done"
     except (ValueError, KeyError):
         pass
@@ -142,7 +150,9 @@ def run_point(options, out):
     out = Path(out)
     trainer = Trainer(run_config(args), out, device=args.device, data_dir=args.data_dir,
                       resume=(out / CHECKPOINT).exists(), log=lambda s: None)
-    trainer.run()
+    left = _target(options, trainer.config.rounds) - trainer.rounds_done
+    if left > 0:
+        trainer.run(stop_after=left)
     return summary(trainer.history)
 
 

@@ -142,3 +142,15 @@ def test_bad_spec_one_line_exit_2(tmp_path, capsys, content, needle):
 def test_unreadable_spec(tmp_path, capsys):
     assert main(["sweep", str(tmp_path / "missing.toml")]) == 2
     assert "missing.toml: cannot read it" in capsys.readouterr().err
+
+
+@needs_mnist
+def test_stop_after_in_a_spec_is_rounds_in_all(tmp_path, cluster):
+    """stop_after = 1 with rounds = 3: one round of the 3-round schedule, then the point is finished."""
+    spec = write_spec(tmp_path, {"seed": [0]}, base={"rounds": 3, "stop_after": 1})
+    assert sweep(spec, cluster) == 0
+    h = json.loads((tmp_path / "sweep" / "seed-0" / "history.json").read_text())
+    assert [r["round"] for r in h["history"]] == [0, 1] and h["settings"]["rounds"] == 3
+    stamp = (tmp_path / "sweep" / "seed-0" / "checkpoint.npz").stat().st_mtime_ns
+    assert sweep(spec, cluster) == 0
+    assert (tmp_path / "sweep" / "seed-0" / "checkpoint.npz").stat().st_mtime_ns == stamp
