@@ -435,8 +435,9 @@ class ChannelDelta:
         else:
             self.output = self._output
         self.piece = (self._piece_slice if conv and weight else self._piece_xhat if weight else self._piece_ones)
-        self.through_mix = (self._through_mix_staged if cpu and isinstance(self.mix, Conv2d)
-                            and [type(l) for l in self.between] == [ReLU] else self._through_mix)
+        staged_mix = [type(l) for l in self.between] in ([ReLU], [BatchNorm2d, ReLU])
+        self.through_mix = (self._through_mix_staged if cpu and isinstance(self.mix, Conv2d) and staged_mix
+                            else self._through_mix)
         if self.mix is None:
             self.rest = self._rest_unmixed
         else:
@@ -505,8 +506,16 @@ class ChannelDelta:
         return a, self.mix.forward(a)
 
     def _through_mix_staged(self, z):
-        """Only a ReLU between: applied while layer m's conv copies z (a itself is never made)."""
-        return None, conv_block(self.layers, self.m, staged_relu(z), ws=self.ws)
+        """Only a ReLU (or batch norm and a ReLU) between: applied while layer m's conv copies z (a itself
+        is never made)."""
+        if isinstance(self.between[0], BatchNorm2d) and channels_last(z):
+            bn = self.between[0]
+            x = staged_bn_relu(z, *bn_scale_shift(z, bn.params["weight"], bn.params["bias"], bn.eps))
+        elif isinstance(self.between[0], BatchNorm2d):
+            x = staged_relu(forward_grouped(self.between[:1], z, 1, self.ws))
+        else:
+            x = staged_relu(z)
+        return None, conv_block(self.layers, self.m, x, ws=self.ws)
 
     def _channel_change(self, z, o, piece, dp, dm):
         """Channel o of W + dW, W and W - dW through the per-channel layers between, all three by one
