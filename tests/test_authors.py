@@ -9,8 +9,6 @@ from rso_np.models import paper_mnist
 from rso_np.rso import AUTHORS, RSO, RSOConfig, search_units, sigma_at_round
 from rso_np.rso_fast import FastRSO
 
-from .test_rso import tiny_data, tiny_model
-
 
 def bn_model(**kw):
     return paper_mnist(batch_norm=True, channels=2, **kw)

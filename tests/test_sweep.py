@@ -7,7 +7,6 @@ import signal
 import threading
 import time
 
-import numpy as np
 import pytest
 
 from rso_np.cli import main
@@ -39,7 +38,7 @@ def write_spec(tmp_path, axes, base=None, name="spec.toml"):
     return path
 
 
-def sweep(spec, cluster, capsys=None):
+def sweep(spec, cluster):
     code = main(["sweep", str(spec), "--scheduler", cluster.scheduler_address])
     return code
 
