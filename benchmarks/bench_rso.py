@@ -15,6 +15,10 @@ ratio is what to compare).
 searched layer, chunked minibatches, ...) on ``paper_mnist_bn``; ``--engines fast,fast_no_bn`` times the
 fast engine on it and on the same network without batch norm, layer by layer in turn.
 
+With chunked minibatches (``--preset paper``) the fast engine is timed on at least the trials of one
+output channel of each convolution: what it keeps per chunk is made once per output channel and serves
+that channel's trials, so fewer trials would not show its average cost.
+
 ``--torch`` also times the straightforward PyTorch version of the same algorithm on the same network and
 minibatches (three ``model(x)`` calls per weight under ``no_grad``); it is skipped with a message where
 PyTorch is not installed (it is not a dependency of rso_np).
@@ -38,6 +42,7 @@ from rso_np.fast_kernels import parallel_cpu
 from rso_np.layers import AvgPool2d, BatchNorm2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, MaxPool2d, ReLU
 from rso_np.models import build_model
 from rso_np.rso import AUTHORS, RSO, RSOConfig
+from rso_np import rso_fast
 from rso_np.rso_fast import FastRSO
 
 
@@ -72,6 +77,10 @@ def engine_timer(engine_cls, model_name, x, y, cfg, xp, bn_eps=None):
         unit = eng.units[i]
         n = int(unit.array.size)
         k = min(trials, n)
+        if fast and cfg.minibatches == "chunks" and unit.array.ndim == 4 and not unit.batch_norm:
+            # kept channels (rso_fast.KeptChannels): the arrays kept per chunk are made once per output
+            # channel, so the trials of a whole output channel are timed
+            k = min(n, max(k, n // unit.array.shape[0]))
         t = time.perf_counter()
         eng.start_pass(unit)                                  # batch-norm statistics, the pass's shuffle
         synchronize(xp)
@@ -167,7 +176,18 @@ def torch_timer(model_name, x, y, cfg, bn_eps=None):
     return time_layer
 
 
-ENGINES = ("literal", "fast", "fast_no_bn")
+ENGINES = ("literal", "fast", "fast_no_bn", "fast_unkept")
+
+
+def without_kept_channels(time_layer):
+    """time_layer with ``rso_fast.KEPT`` off while it runs: the fast engine as it was before shortcut 7."""
+    def timed(name, trials):
+        rso_fast.KEPT = False
+        try:
+            return time_layer(name, trials)
+        finally:
+            rso_fast.KEPT = True
+    return timed
 
 
 def round_seconds(layers):
@@ -185,7 +205,8 @@ def main(argv=None):
     ap.add_argument("--trials", type=int, default=20, help="trials timed per layer and engine (default: 20)")
     ap.add_argument("--engines", default="literal,fast",
                     help="comma-separated: literal, fast, fast_no_bn (the fast engine on the same network "
-                         "without batch norm; default: literal,fast)")
+                         "without batch norm), fast_unkept (the fast engine without its kept channels, "
+                         "shortcut 7); default: literal,fast")
     ap.add_argument("--torch", action="store_true", help="also time the straightforward PyTorch version")
     ap.add_argument("--data-dir", help="folder with the MNIST .gz files (default: $RSO_NP_DATA/mnist)")
     ap.add_argument("--out", help="also write the JSON to this file")
@@ -214,6 +235,9 @@ def main(argv=None):
         if name == "fast_no_bn":                 # the same network and search without its batch norms
             timers[name] = engine_timer(FastRSO, args.model.replace("_bn", ""), x, y, cfg, xp)[0]
             continue
+        if name == "fast_unkept":                # the fast engine without shortcut 7 (kept channels)
+            timers[name] = without_kept_channels(engine_timer(FastRSO, args.model, x, y, cfg, xp, bn_eps)[0])
+            continue
         timers[name], units = engine_timer(FastRSO if name == "fast" else RSO, args.model, x, y, cfg, xp, bn_eps)
     if args.torch:
         try:
@@ -239,7 +263,7 @@ def main(argv=None):
     rounds = {k: v["round_s"] for k, v in res["engines"].items()}
     res["round_s"] = rounds
     if "fast" in rounds:
-        for other in ("literal", "torch", "fast_no_bn"):
+        for other in ("literal", "torch", "fast_no_bn", "fast_unkept"):
             if other in rounds:
                 res[f"speedup_fast_vs_{other}"] = rounds[other] / rounds["fast"]
     emit(res, args.out)

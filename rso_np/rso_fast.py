@@ -24,6 +24,11 @@ each a named step below:
 5. Folding (``conv_block``). Average pooling is linear, so a convolution followed by it is one
    convolution (``fast_kernels.conv_avg_pool``), and a convolution followed by global average pooling is
    one dense layer (``fast_kernels.conv_global_avg``).
+7. Kept channels (``KeptChannels``). With chunked minibatches the same images come back every few
+   trials, and the C_in*KH*KW trials of one output channel o of a conv follow one another: per chunk,
+   channel o of the conv's output is kept and brought up to date with the changes made since the chunk
+   was last seen, and the next mixing layer's output without channel o is kept while o is. A trial then
+   convolves neither layer d nor, beyond channel o, layer m (on the CPU).
 6. Decisions stay on the device (``FastRSO.search_unit``): all draws of a layer are made up front on the
    host (the same calls, in the same order, as the literal engine), the candidates, the choice and the
    weight update are device operations, so a GPU run does not wait for the host on every trial.
@@ -63,6 +68,7 @@ from .losses import per_sample_cross_entropy
 from .rso import KEEP, MINUS, PLUS, RSO
 
 STAGED = True       # on the CPU, gather / add / ReLU while a convolution copies its input (fast_kernels.Staged)
+KEPT = True         # with chunked minibatches, keep per chunk what one output channel's trials share (7.)
 PER_CHANNEL = (ReLU, MaxPool2d, AvgPool2d, BatchNorm2d, GlobalAvgPool2d, Flatten)
 MIXING = (Conv2d, Dense)
 
@@ -90,17 +96,20 @@ def block_size(layers, i):
     return 1 if _folded_pool(layers, i) is None else 2
 
 
-def conv_block(layers, i, x, in_channels=None, ws=None, out=None, relu=False):
+def conv_block(layers, i, x, in_channels=None, ws=None, out=None, relu=False, weight=None):
     """Conv layers[i] with the average pooling right after it folded in, applied to x (an array, or a
     ``Staged`` batch on the CPU). ``in_channels``: only that slice of the input channels (no bias), for a
-    change that lives in those channels. ``ws``: a ``Workspace`` to take the output from; ``out``: an
+    change that lives in those channels. ``weight``: this kernel in place of the layer's (no bias; the
+    layer's stride, padding and pooling). ``ws``: a ``Workspace`` to take the output from; ``out``: an
     (N, OH, OW, C_out) array to write it into and ``relu``: ReLU applied to it (with ``out`` and ``relu``:
     not for global average pooling)."""
     conv, pool = layers[i], _folded_pool(layers, i)
-    key = (id(conv), in_channels is not None)
+    key = (id(conv), in_channels is not None, weight is not None)
     W, b = conv.params["weight"], conv.params.get("bias")
     if in_channels is not None:
         W, b = W[:, in_channels], None
+    if weight is not None:
+        W, b = weight, None
     if isinstance(pool, GlobalAvgPool2d):
         if out is not None or relu:
             raise ValueError("conv_block: out= and relu= are not for a conv folded with global pooling")
@@ -338,6 +347,9 @@ class FastRSO(RSO):
         m = self._mixing_after(d)
         if isinstance(layer, (Conv2d, BatchNorm2d)) and m is not None and (
                 m == len(self.layers) or isinstance(self.layers[m], (Conv2d, Dense))):
+            if (KEPT and self.config.minibatches == "chunks" and self.xp is np and stored is not None
+                    and isinstance(layer, Conv2d) and unit.name.endswith(".weight") and m < len(self.layers)):
+                return KeptChannels(self, unit, m, get_h, stored)
             return ChannelDelta(self, unit, m, get_h, stored)
         return Batched(self, unit, get_h)
 
@@ -448,7 +460,7 @@ class ChannelDelta:
         z, hc = self.output(j, rows)                       # layer d (+ its folded pooling), W[j] = w0
         o, piece = self.piece(j, z, hc)                    # z[:, o] moves by dW * piece
         a, y = self.through_mix(z)                         # the unperturbed network up to and through m
-        da, cols = self._channel_change(z, o, piece, wp - w0, wm - w0)
+        da, cols, _ = self._channel_change(z[:, o], o, piece, wp - w0, wm - w0)
         f = self.engine.losses(self.rest(a, y, da, o, cols), rows, 3)
         # a candidate whose change vanished before the next mixing layer (a channel that ReLU zeroes,
         # say) leaves the network's output as it is: its loss is F(W) exactly, a tie, as in the literal
@@ -517,21 +529,22 @@ class ChannelDelta:
             x = staged_relu(z)
         return None, conv_block(self.layers, self.m, x, ws=self.ws)
 
-    def _channel_change(self, z, o, piece, dp, dm):
-        """Channel o of W + dW, W and W - dW through the per-channel layers between, all three by one
-        route so that their differences are exact (a change that vanishes, at a ReLU say, is exactly
-        zero): (da (2B, ...) the changes of W + dW and W - dW, cols: where they sit in layer m's input)."""
-        xp, zo = self.xp, z[:, o]
+    def _channel_change(self, zo, o, piece, dp, dm):
+        """Channel o of layer d's output, zo (B, ...), for W + dW, W and W - dW through the per-channel
+        layers between, all three by one route so that their differences are exact (a change that
+        vanishes, at a ReLU say, is exactly zero): (da (2B, ...) the changes of W + dW and W - dW, cols:
+        where they sit in layer m's input, and channel o there for W itself)."""
+        xp = self.xp
         zc = xp.concatenate([zo + dp * piece, zo, zo + dm * piece])[:, None]
         ac = forward_channel(self.between, zc, o, 3)
-        B = z.shape[0]
+        B = zo.shape[0]
         if ac.ndim == 4:                                   # still images: channel o
             cols = slice(o, o + 1)
         else:                                              # flattened or pooled to (B, C*H*W): its block
             ac = ac.reshape(3 * B, -1)
             cols = slice(o * ac.shape[1], (o + 1) * ac.shape[1])
         base = ac[B:2 * B]
-        return xp.concatenate([ac[:B] - base, ac[2 * B:] - base]), cols
+        return xp.concatenate([ac[:B] - base, ac[2 * B:] - base]), cols, base
 
     # the candidates through the rest of the network: logits (3B, K)
     def _dy(self, da, o, cols):
@@ -568,3 +581,105 @@ class ChannelDelta:
         yc[:B, cols] += da[:B]
         yc[2 * B:, cols] += da[B:]
         return forward_grouped(self.layers[self.after_at:], yc, 3)
+
+
+class KeptChannels(ChannelDelta):
+    """7. Kept channels: the channel delta of a conv weight with chunked minibatches, keeping per chunk
+    what the trials of one output channel share.
+
+    With ``minibatches="chunks"`` the same B images come back every (training images / B) trials, and in
+    the search order of a conv (output channel, input channel, kernel row, kernel column) the
+    C_in*KH*KW trials of output channel o follow one another. While they run, only channel o of layer
+    d's output z changes, so, per chunk, this keeps:
+
+    - ``z_o``, channel o of z (in float64), brought up to date on each visit with the weight changes
+      made since the chunk was last seen: W[o, c, ki, kj] += delta moves z_o by delta times the shifted
+      (and pooled) input channel c, so all changes of the chunk's absence are one convolution of the
+      input channels they touch with a kernel of those deltas;
+    - ``y_rest``, layer m's output with channel o of its input set to zero, fixed while o is.
+
+    A trial then needs neither layer d's convolution nor layer m's on all channels: layer m's output for
+    W is y_rest + (layer m on channel o alone), and the candidates go on through the rest as in 2. The
+    kept arrays are dropped when o changes; a chunk's first visit for an output channel computes them
+    from the stored input. NumPy only: which weights changed is looked at on the host every trial.
+    """
+
+    def __init__(self, engine, unit, m, get_h, stored):
+        super().__init__(engine, unit, m, get_h, stored)
+        self.W = unit.array                                # (C_out, C_in, KH, KW), changed by the search
+        self.o, self.kept, self.log, self.logged = None, {}, [], None
+
+    def __call__(self, j, rows, w0, wp, wm):
+        o, c, _, _ = np.unravel_index(j, self.shape)
+        self._log_changes(o)
+        zo, y_rest, hc = self._kept(rows, c)               # brought up to date; hc: input channel c, padded
+        _, piece = self._piece_slice(j, None, hc)
+        da, cols, base = self._channel_change(zo.astype(np.float32), o, piece, wp - w0, wm - w0)
+        y = self.ws.get("y", y_rest.shape, y_rest.dtype) if y_rest.ndim != 4 else \
+            self._activation("y", y_rest.shape, y_rest.dtype)
+        np.add(y_rest, self._dy(base, o, cols), out=y)    # layer m's output for W
+        f = self.engine.losses(self.rest(None, y, da, o, cols), rows, 3)
+        B = da.shape[0] // 2                               # as in ChannelDelta: a vanished change is a tie
+        moved = np.array([np.any(da[:B] != 0), True, np.any(da[B:] != 0)])
+        return np.where(moved, f, f[KEEP])
+
+    def _log_changes(self, o):
+        """Note which weights of output channel o changed since the last trial, and by how much (the
+        decision of the last trial and this trial's weight decay); a new o drops everything kept."""
+        w = self.W[o].reshape(-1)
+        if o != self.o:
+            self.o, self.kept, self.log = o, {}, []
+        else:
+            changed = np.flatnonzero(w != self.logged)
+            if changed.size:
+                self.log.append((changed, w[changed].astype(np.float64) - self.logged[changed]))
+        self.logged = w.astype(np.float64)
+
+    def _kept(self, rows, c):
+        """(z_o, y_rest, hc) for the chunk of these rows: computed on its first visit for this output
+        channel, brought up to date with the logged changes on the others."""
+        key = rows.tobytes()
+        entry = self.kept.get(key)
+        pending = {} if entry is None else self._pending(entry[2])
+        channels = sorted({c, *(np.unravel_index(t, self.shape[1:])[0] for t in pending)})
+        h = self.stored[rows[:, None], np.asarray(channels)]   # (B, len(channels), H, W): those channels only
+        if entry is None:
+            entry = self.kept[key] = self._first_visit(rows)
+        elif pending:
+            dk = np.zeros((1, len(channels)) + self.shape[2:], dtype=np.float64)
+            for t, delta in pending.items():
+                ci, ki, kj = np.unravel_index(t, self.shape[1:])
+                dk[0, channels.index(ci), ki, kj] = delta
+            change = conv_block(self.layers, self.d, h, weight=dk.astype(h.dtype), ws=self.ws)
+            entry[0] += change[:, 0]
+        entry[2] = len(self.log)
+        p = self.layer.padding
+        hc = self.ws.get("hc", (h.shape[0], h.shape[2] + 2 * p, h.shape[3] + 2 * p), h.dtype, zero=True)
+        hc[:, p:p + h.shape[2], p:p + h.shape[3]] = h[:, channels.index(c)]
+        return entry[0], entry[1], hc
+
+    def _pending(self, seen):
+        """The logged changes after the first ``seen``, summed per weight: {flat index in W[o]: delta}."""
+        total = {}
+        for changed, deltas in self.log[seen:]:
+            for t, delta in zip(changed.tolist(), deltas.tolist()):
+                total[t] = total.get(t, 0.0) + delta
+        return total
+
+    def _first_visit(self, rows):
+        """[z_o (float64), y_rest, log position] of a chunk, from its stored input and the weights now."""
+        o = self.o
+        z = conv_block(self.layers, self.d, self.get_h(rows))
+        a = forward_grouped(self.between, z, 1)
+        a = a.copy() if a is z or a.base is not None else a
+        zo = z[:, o].astype(np.float64)
+        if a.ndim == 4:
+            a[:, o] = 0
+        else:                                              # flattened or pooled: channel o's block of columns
+            width = a.shape[1] // self.shape[0]
+            a[:, o * width:(o + 1) * width] = 0
+        if isinstance(self.mix, Conv2d):
+            y_rest = conv_block(self.layers, self.m, a)
+        else:
+            y_rest = self.mix.forward(a)
+        return [zo, y_rest, len(self.log)]

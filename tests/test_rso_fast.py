@@ -92,6 +92,30 @@ def test_fast_matches_literal(xp, monkeypatch, build, size, cfg):
     compare(xp, build, size, monkeypatch=monkeypatch, **cfg)
 
 
+def test_kept_channels_match_literal(monkeypatch):
+    """Shortcut 7 (kept channels) is what runs the conv weights of the authors' search, both on a chunk's
+    first visit for an output channel and on the later visits that bring its kept channel up to date;
+    and it makes the literal engine's decisions."""
+    used = {"first": 0, "updated": 0}
+    first, pending = rso_fast.KeptChannels._first_visit, rso_fast.KeptChannels._pending
+
+    def counted_first(self, rows):
+        used["first"] += 1
+        return first(self, rows)
+
+    def counted_pending(self, seen):
+        out = pending(self, seen)
+        used["updated"] += bool(out)
+        return out
+
+    monkeypatch.setattr(rso_fast.KeptChannels, "_first_visit", counted_first)
+    monkeypatch.setattr(rso_fast.KeptChannels, "_pending", counted_pending)
+    _, trials = compare(np, lambda: paper_mnist(batch_norm=True, channels=4, bn_eps=1e-3), 14,
+                        monkeypatch=monkeypatch, **dict(AUTHORS, bn_reference_images=100))
+    assert used["first"] > 100 and used["updated"] > 100, used
+    assert used["first"] + used["updated"] < trials
+
+
 def test_fast_matches_literal_small_blocks(monkeypatch):
     """Blocks of a few images, so that every convolution is split between threads (as at full size)."""
     monkeypatch.setattr(fast_kernels, "CONV_BLOCK_BYTES", 16 << 10)
