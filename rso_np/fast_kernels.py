@@ -206,11 +206,16 @@ def staged_candidates(y, dy, relu):
             a, b = max(s, g * B), min(e, (g + 1) * B)
             out = dst[a - s:b - s]
             if g == 1:
-                out[...] = ys[a - B:b - B]
-            else:                                            # dy rows: g = 0 -> 0..B-1, g = 2 -> B..2B-1
-                np.add(ys[a - g * B:b - g * B], ds[a - g * B + g // 2 * B:b - g * B + g // 2 * B], out=out)
+                if relu:
+                    np.maximum(ys[a - B:b - B], 0, out=out)
+                else:
+                    out[...] = ys[a - B:b - B]
+                continue
+            # dy rows: g = 0 -> 0..B-1, g = 2 -> B..2B-1; with ReLU the sum goes through a contiguous buffer
+            t = _thread_buffer("cand", dst.shape, dst.dtype)[a - s:b - s] if relu else out
+            np.add(ys[a - g * B:b - g * B], ds[a - g * B + g // 2 * B:b - g * B + g // 2 * B], out=t)
             if relu:
-                np.maximum(out, 0, out=out)
+                np.maximum(t, 0, out=out)
     return Staged(fill, (3 * B,) + y.shape[1:], y.dtype)
 
 
@@ -438,12 +443,13 @@ def staged_bn_relu(x, scale, shift):
     src, B = x.transpose(0, 2, 3, 1), x.shape[0] // scale.shape[0]
 
     def fill(dst, s, e):
+        tmp = _thread_buffer("bn_relu", dst.shape, dst.dtype)
         for g in range(s // B, (e - 1) // B + 1):           # the groups this block of images spans
             a, b = max(s, g * B), min(e, (g + 1) * B)
-            out = dst[a - s:b - s]
-            np.multiply(src[a:b], scale[g], out=out)
-            out += shift[g]
-            np.maximum(out, 0, out=out)
+            t = tmp[a - s:b - s]                            # contiguous: numpy's loops run faster there
+            np.multiply(src[a:b], scale[g], out=t)
+            t += shift[g]
+            np.maximum(t, 0, out=dst[a - s:b - s])
     return Staged(fill, x.shape, x.dtype)
 
 

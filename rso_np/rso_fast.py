@@ -24,14 +24,14 @@ each a named step below:
 5. Folding (``conv_block``). Average pooling is linear, so a convolution followed by it is one
    convolution (``fast_kernels.conv_avg_pool``), and a convolution followed by global average pooling is
    one dense layer (``fast_kernels.conv_global_avg``).
+6. Decisions stay on the device (``FastRSO.search_unit``): all draws of a layer are made up front on the
+   host (the same calls, in the same order, as the literal engine), the candidates, the choice and the
+   weight update are device operations, so a GPU run does not wait for the host on every trial.
 7. Kept channels (``KeptChannels``). With chunked minibatches the same images come back every few
    trials, and the C_in*KH*KW trials of one output channel o of a conv follow one another: per chunk,
    channel o of the conv's output is kept and brought up to date with the changes made since the chunk
    was last seen, and the next mixing layer's output without channel o is kept while o is. A trial then
    convolves neither layer d nor, beyond channel o, layer m (on the CPU).
-6. Decisions stay on the device (``FastRSO.search_unit``): all draws of a layer are made up front on the
-   host (the same calls, in the same order, as the literal engine), the candidates, the choice and the
-   weight update are device operations, so a GPU run does not wait for the host on every trial.
 
 How the arrays are computed on the CPU (a few images at a time on every core, the minibatch gather, a
 ReLU and the candidates' y + dy done while a convolution copies its input, trial arrays kept between
