@@ -258,8 +258,15 @@ def main(argv=None):
             timing = time_layer(unit, args.trials)
             if timing is not None:
                 layers[name][unit] = timing
+                print(f"  {timing['s_per_trial'] * 1e3:.1f} ms per trial over {timing['trials_timed']}",
+                      file=sys.stderr, flush=True)
+        if args.out:                             # what is measured so far survives a crash (complete: false)
+            partial = dict(res, complete=False, engines={n: {"layers": l} for n, l in layers.items()})
+            emit(partial, args.out, echo=False)
     for name in timers:
         res["engines"][name] = {"layers": layers[name], "round_s": round_seconds(layers[name])}
+    res["complete"] = True
+    res["peak_rss_gb"] = peak_rss_gb()
     rounds = {k: v["round_s"] for k, v in res["engines"].items()}
     res["round_s"] = rounds
     if "fast" in rounds:
@@ -269,10 +276,21 @@ def main(argv=None):
     emit(res, args.out)
 
 
-def emit(res, out=None):
-    """Print the result as JSON, and write it to ``out`` when given."""
+def peak_rss_gb():
+    """This process's peak resident memory in GB (every engine of the run together), or None."""
+    try:
+        import resource
+    except ImportError:                          # not on Windows
+        return None
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb * (1 if sys.platform == "darwin" else 1024) / 1e9
+
+
+def emit(res, out=None, echo=True):
+    """Print the result as JSON (unless not ``echo``), and write it to ``out`` when given."""
     text = json.dumps(res, indent=1)
-    print(text)
+    if echo:
+        print(text)
     if out:
         with open(out, "w") as f:
             f.write(text + "\n")

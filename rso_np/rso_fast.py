@@ -348,7 +348,10 @@ class FastRSO(RSO):
         if isinstance(layer, (Conv2d, BatchNorm2d)) and m is not None and (
                 m == len(self.layers) or isinstance(self.layers[m], (Conv2d, Dense))):
             if (KEPT and self.config.minibatches == "chunks" and self.xp is np and stored is not None
-                    and isinstance(layer, Conv2d) and unit.name.endswith(".weight") and m < len(self.layers)):
+                    and isinstance(layer, Conv2d) and unit.name.endswith(".weight") and m < len(self.layers)
+                    and unit.array[0].size > self.x.shape[0] // self.config.batch_size):
+                # (only where a chunk comes back within one output channel's trials: conv1's 9 trials per
+                # output channel with 12 chunks of 5000 would pay for keeping and never use it)
                 return KeptChannels(self, unit, m, get_h, stored)
             return ChannelDelta(self, unit, m, get_h, stored)
         return Batched(self, unit, get_h)
