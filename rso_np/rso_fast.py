@@ -69,6 +69,11 @@ from .rso import KEEP, MINUS, PLUS, RSO
 
 STAGED = True       # on the CPU, gather / add / ReLU while a convolution copies its input (fast_kernels.Staged)
 KEPT = True         # with chunked minibatches, keep per chunk what one output channel's trials share (7.)
+# ... where each chunk comes back at least this many times within one output channel's trials (C_in*KH*KW
+# trials, training images / B chunks). Measured on paper_mnist_bn (benchmarks/bench_kept_channels.py and
+# bench_rso.py): 0.75 times (conv1 at minibatch 5000) was 37% slower than without keeping, 2.4 times (1000)
+# 3-5% faster, 4.8 times (2000) 12-20% faster, 12 times (5000) 1.1-2.8x faster.
+KEPT_VISITS = 2
 PER_CHANNEL = (ReLU, MaxPool2d, AvgPool2d, BatchNorm2d, GlobalAvgPool2d, Flatten)
 MIXING = (Conv2d, Dense)
 
@@ -349,9 +354,7 @@ class FastRSO(RSO):
                 m == len(self.layers) or isinstance(self.layers[m], (Conv2d, Dense))):
             if (KEPT and self.config.minibatches == "chunks" and self.xp is np and stored is not None
                     and isinstance(layer, Conv2d) and unit.name.endswith(".weight") and m < len(self.layers)
-                    and unit.array[0].size > self.x.shape[0] // self.config.batch_size):
-                # (only where a chunk comes back within one output channel's trials: conv1's 9 trials per
-                # output channel with 12 chunks of 5000 would pay for keeping and never use it)
+                    and unit.array[0].size >= KEPT_VISITS * (self.x.shape[0] // self.config.batch_size)):
                 return KeptChannels(self, unit, m, get_h, stored)
             return ChannelDelta(self, unit, m, get_h, stored)
         return Batched(self, unit, get_h)

@@ -108,12 +108,32 @@ def test_kept_channels_match_literal(monkeypatch):
         used["updated"] += bool(out)
         return out
 
+    monkeypatch.setattr(rso_fast, "KEPT_VISITS", 1)   # 300 images in chunks of 16, 36 trials per channel
     monkeypatch.setattr(rso_fast.KeptChannels, "_first_visit", counted_first)
     monkeypatch.setattr(rso_fast.KeptChannels, "_pending", counted_pending)
     _, trials = compare(np, lambda: paper_mnist(batch_norm=True, channels=4, bn_eps=1e-3), 14,
                         monkeypatch=monkeypatch, **dict(AUTHORS, bn_reference_images=100))
     assert used["first"] > 100 and used["updated"] > 100, used
     assert used["first"] + used["updated"] < trials
+
+
+def test_kept_channels_only_where_chunks_come_back(monkeypatch):
+    """A conv's weights are searched with kept channels only where each chunk comes back at least
+    KEPT_VISITS times within one output channel's trials, and never with independent draws."""
+    x, y = data(np, 320, 14)
+    cfg = dict(AUTHORS, bn_reference_images=100)
+
+    def trial_kind(batch, **over):
+        eng = FastRSO(paper_mnist(batch_norm=True, channels=4), x, y, RSOConfig(batch_size=batch, **{**cfg, **over}),
+                      np.random.default_rng(0))
+        unit = next(u for u in eng.units if u.name == "conv2.weight")
+        eng.start_pass(unit)
+        return type(eng._trial_fn(unit)).__name__
+
+    monkeypatch.setattr(rso_fast, "KEPT_VISITS", 3)
+    assert trial_kind(32) == "KeptChannels"           # 10 chunks, 36 trials per output channel: 3.6 visits
+    assert trial_kind(16) == "ChannelDelta"           # 20 chunks: 1.8 visits
+    assert trial_kind(32, minibatches="draw") == "ChannelDelta"
 
 
 def test_fast_matches_literal_small_blocks(monkeypatch):

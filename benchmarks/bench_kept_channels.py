@@ -1,0 +1,88 @@
+"""Kept channels (``rso_fast.KeptChannels``) against the same engine without them, by minibatch.
+
+    python benchmarks/bench_kept_channels.py [--batch-sizes 1000,2000,5000] [--layers conv2.weight,conv3.weight]
+                                             [--repeats 2] [--data-dir DIR] [--out FILE]
+
+The authors' search (``--preset paper``'s ``rso.AUTHORS`` on ``paper_mnist_bn``, batch-norm epsilon 1e-3):
+for each minibatch and layer, the trials of the layer's first output channel (C_in*KH*KW of them) are
+timed with kept channels and without (``rso_fast.KEPT``), in turns, ``--repeats`` times each, in one run.
+Kept channels pay off when each chunk of the shuffled training set comes back often within those trials
+(training images / B chunks); the engine keeps them where it comes back at least ``rso_fast.KEPT_VISITS``
+times, and this is the measurement that threshold comes from. It prints one JSON object: seconds per trial
+for both and their ratio, with the number of visits per chunk.
+"""
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+from rso_np import rso_fast
+from rso_np.fast_kernels import parallel_cpu
+from rso_np.models import build_model
+from rso_np.rso import AUTHORS, RSOConfig
+from rso_np.rso_fast import FastRSO
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_rso import training_images  # noqa: E402  (the same images as bench_rso)
+
+
+def time_layer(eng, unit, kept, trials):
+    rso_fast.KEPT = kept
+    try:
+        eng.search_unit(unit, unit.sigma, count=2)         # warm-up
+        t = time.perf_counter()
+        eng.search_unit(unit, unit.sigma, count=trials)
+        return (time.perf_counter() - t) / trials
+    finally:
+        rso_fast.KEPT = True
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch-sizes", default="1000,2000,5000")
+    ap.add_argument("--layers", default="conv2.weight,conv3.weight")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--data-dir", help="folder with the MNIST .gz files (default: $RSO_NP_DATA/mnist)")
+    ap.add_argument("--out", help="also write the JSON to this file")
+    args = ap.parse_args(argv)
+    x, y, source = training_images(args.data_dir)
+    res = {"model": "paper_mnist_bn", "images": source, "date": datetime.date.today().isoformat(),
+           "machine": f"{platform.machine()}", "numpy": np.__version__, "kept_visits": rso_fast.KEPT_VISITS,
+           "results": []}
+    for B in (int(b) for b in args.batch_sizes.split(",")):
+        model = build_model("paper_mnist_bn", seed=0, bn_eps=1e-3)
+        model.train()
+        eng = FastRSO(model, x, y, RSOConfig(batch_size=B, **AUTHORS), np.random.default_rng(0), rounds=1)
+        with parallel_cpu():
+            for name in args.layers.split(","):
+                unit = next(u for u in eng.units if u.name == name)
+                trials = unit.array[0].size                 # one output channel
+                eng.start_pass(unit)
+                kept, plain = [], []
+                for _ in range(args.repeats):
+                    kept.append(time_layer(eng, unit, True, trials))
+                    plain.append(time_layer(eng, unit, False, trials))
+                row = {"batch_size": B, "layer": name, "visits_per_chunk": trials / (x.shape[0] // B),
+                       "s_per_trial_kept": min(kept), "s_per_trial_without": min(plain),
+                       "speedup": min(plain) / min(kept), "all_kept": kept, "all_without": plain}
+                print(f"B={B} {name}: {row['visits_per_chunk']:.1f} visits per chunk, kept {min(kept) * 1e3:.0f} ms, "
+                      f"without {min(plain) * 1e3:.0f} ms per trial", file=sys.stderr, flush=True)
+                res["results"].append(row)
+        del eng, model
+        gc.collect()                                       # one engine's stored inputs in memory at a time
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
