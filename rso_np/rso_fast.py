@@ -448,8 +448,11 @@ class ChannelDelta:
         batch-norm scale or shift), and staged where the CPU staging of ``fast_kernels`` applies."""
         cpu = _staging(self.xp)
         self.ws = Workspace() if cpu else None             # the trial's arrays, kept between trials
+        self._norm = None                                  # batch norm searched: (h, 1/std, -mean/std)
         if conv and weight:
             self.output = self._output_staged if cpu and self.stored is not None else self._output_conv_weight
+        elif cpu and isinstance(self.layer, BatchNorm2d) and self.layer.training:
+            self.output = self._output_bn
         else:
             self.output = self._output
         self.piece = (self._piece_slice if conv and weight else self._piece_xhat if weight else self._piece_ones)
@@ -495,6 +498,22 @@ class ChannelDelta:
         z = conv_block(self.layers, self.d, staged_rows(self.stored, rows, c, hc[:, p:p + H, p:p + W]), ws=self.ws)
         return z, hc
 
+    def _output_bn(self, j, rows):
+        """Batch norm searched (the minibatch's statistics): out = h * scale + shift in one pass from the
+        channel sums (``fast_kernels.bn_scale_shift``), with 1 / std and -mean / std kept for the piece."""
+        h = self.get_h(rows)
+        if not channels_last(h):
+            self._norm = None
+            return self.layer.forward(h), None
+        g, b = self.layer.params["weight"], self.layer.params["bias"]
+        inv, shift0 = (a[0] for a in bn_scale_shift(h, np.ones_like(g), np.zeros_like(b), self.layer.eps))
+        self._norm = (h, inv, shift0)
+        N, C, H, W = h.shape
+        out = self.ws.get("bn_out", (N, H, W, C), h.dtype)
+        np.multiply(h.transpose(0, 2, 3, 1), inv * g, out=out)
+        out += shift0 * g + b
+        return out.transpose(0, 3, 1, 2), None
+
     # what dW multiplies in channel o: (o, piece)
     def _piece_slice(self, j, z, hc):
         """Conv weight W[o, c, ki, kj]: input channel c shifted by the tap (ki, kj), pooled as z is."""
@@ -508,6 +527,9 @@ class ChannelDelta:
 
     def _piece_xhat(self, j, z, hc):
         """Batch-norm scale gamma[o]: moves channel o by d * xhat[:, o]."""
+        if self._norm is not None:                         # from _output_bn
+            h, inv, shift0 = self._norm
+            return j, h[:, j] * inv[j] + shift0[j]
         return j, self.layer._cache[0][:, j]
 
     def _piece_ones(self, j, z, hc):
