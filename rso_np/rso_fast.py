@@ -643,8 +643,7 @@ class KeptChannels(ChannelDelta):
         zo, y_rest, hc = self._kept(rows, c)               # brought up to date; hc: input channel c, padded
         _, piece = self._piece_slice(j, None, hc)
         da, cols, base = self._channel_change(zo.astype(np.float32), o, piece, wp - w0, wm - w0)
-        y = self.ws.get("y", y_rest.shape, y_rest.dtype) if y_rest.ndim != 4 else \
-            self._activation("y", y_rest.shape, y_rest.dtype)
+        y = self._activation("y", y_rest.shape, y_rest.dtype)
         np.add(y_rest, self._dy(base, o, cols), out=y)    # layer m's output for W
         f = self.engine.losses(self.rest(None, y, da, o, cols), rows, 3)
         B = da.shape[0] // 2                               # as in ChannelDelta: a vanished change is a tie
@@ -698,9 +697,8 @@ class KeptChannels(ChannelDelta):
         """[z_o (float64), y_rest, log position] of a chunk, from its stored input and the weights now."""
         o = self.o
         z = conv_block(self.layers, self.d, self.get_h(rows))
-        a = forward_grouped(self.between, z, 1)
-        a = a.copy() if a is z or a.base is not None else a
         zo = z[:, o].astype(np.float64)
+        a = forward_grouped(self.between, z, 1)            # arrays of its own (z is not needed after this)
         if a.ndim == 4:
             a[:, o] = 0
         else:                                              # flattened or pooled: channel o's block of columns
