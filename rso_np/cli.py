@@ -167,6 +167,12 @@ def build_parser():
     return p
 
 
+def train_option_names():
+    """The names (argparse dests, e.g. ``batch_size``) of every ``train`` option: those of a plain
+    ``train`` command line, parsed."""
+    return set(vars(build_parser().parse_args(["train"]))) - {"command"}
+
+
 # Where each train option lands in a RunConfig: dest -> (section, field); section None: the RunConfig itself.
 RUN_FIELDS = {"optimizer": (None, "optimizer"), "engine": (None, "engine"), "model": (None, "model"),
               "dataset": (None, "dataset"), "seed": (None, "seed"), "train_limit": (None, "train_limit"),

@@ -87,7 +87,7 @@ def _point_name(settings):
 def load_spec(path):
     """The points of a SPEC file, each checked as ``train`` would check its options: (out folder, points).
     A SpecError names the file and the problem before anything runs."""
-    from .cli import UsageError, build_parser, run_config
+    from .cli import UsageError, build_parser, run_config, train_option_names
     spec = _read(path)
     if not isinstance(spec, dict) or set(spec) - set(SPEC_KEYS):
         extra = sorted(set(spec) - set(SPEC_KEYS)) if isinstance(spec, dict) else spec
@@ -100,7 +100,7 @@ def load_spec(path):
     base, axes = {norm(k): v for k, v in base.items()}, {norm(k): v for k, v in axes.items()}
     if isinstance(base.get("data_dir"), str) and Path(base["data_dir"]).exists():
         base["data_dir"] = str(Path(base["data_dir"]).resolve())
-    known = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions}
+    known = train_option_names()
     for k in list(base) + list(axes):
         if k not in known or k in NOT_IN_SPEC or k == "help":
             raise SpecError(f"{path}: unknown option {k!r} (use the names of 'train' options, e.g. batch_size)")
