@@ -30,18 +30,15 @@ from rso_np.rso import AUTHORS, RSOConfig
 from rso_np.rso_fast import FastRSO
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_rso import training_images  # noqa: E402  (the same images as bench_rso)
+from bench_rso import kept_channels, training_images  # noqa: E402  (shared with bench_rso)
 
 
 def time_layer(eng, unit, kept, trials):
-    rso_fast.KEPT = kept
-    try:
+    with kept_channels(kept):
         eng.search_unit(unit, unit.sigma, count=2)         # warm-up
         t = time.perf_counter()
         eng.search_unit(unit, unit.sigma, count=trials)
         return (time.perf_counter() - t) / trials
-    finally:
-        rso_fast.KEPT = True
 
 
 def main(argv=None):

@@ -28,6 +28,7 @@ random images of the same shape (the timings do not depend on the pixel values).
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -179,14 +180,21 @@ def torch_timer(model_name, x, y, cfg, bn_eps=None):
 ENGINES = ("literal", "fast", "fast_no_bn", "fast_unkept")
 
 
+@contextlib.contextmanager
+def kept_channels(on):
+    """``rso_fast.KEPT`` set to ``on`` inside (off: the fast engine as it was before shortcut 7)."""
+    rso_fast.KEPT = on
+    try:
+        yield
+    finally:
+        rso_fast.KEPT = True
+
+
 def without_kept_channels(time_layer):
-    """time_layer with ``rso_fast.KEPT`` off while it runs: the fast engine as it was before shortcut 7."""
+    """time_layer with kept channels off while it runs."""
     def timed(name, trials):
-        rso_fast.KEPT = False
-        try:
+        with kept_channels(False):
             return time_layer(name, trials)
-        finally:
-            rso_fast.KEPT = True
     return timed
 
 

@@ -352,12 +352,18 @@ class FastRSO(RSO):
         m = self._mixing_after(d)
         if isinstance(layer, (Conv2d, BatchNorm2d)) and m is not None and (
                 m == len(self.layers) or isinstance(self.layers[m], (Conv2d, Dense))):
-            if (KEPT and self.config.minibatches == "chunks" and self.xp is np and stored is not None
-                    and isinstance(layer, Conv2d) and unit.name.endswith(".weight") and m < len(self.layers)
-                    and unit.array[0].size >= KEPT_VISITS * (self.x.shape[0] // self.config.batch_size)):
-                return KeptChannels(self, unit, m, get_h, stored)
-            return ChannelDelta(self, unit, m, get_h, stored)
+            kind = KeptChannels if self._keeps_channels(unit, m, stored) else ChannelDelta
+            return kind(self, unit, m, get_h, stored)
         return Batched(self, unit, get_h)
+
+    def _keeps_channels(self, unit, m, stored):
+        """Whether the trials of ``unit`` (channel delta to mixing layer m) use 7. kept channels: a conv's
+        weights, chunked minibatches, the input stored, a mixing layer after it, NumPy, and each chunk
+        coming back at least ``KEPT_VISITS`` times within one output channel's trials."""
+        chunks = self.x.shape[0] // self.config.batch_size
+        return (KEPT and self.config.minibatches == "chunks" and self.xp is np and stored is not None
+                and isinstance(self.layers[unit.layer_index], Conv2d) and unit.name.endswith(".weight")
+                and m < len(self.layers) and unit.array[0].size >= KEPT_VISITS * chunks)
 
     def _mixing_after(self, d):
         """Index m of the first conv/dense after layer d if only per-channel layers lie between, else None."""

@@ -102,7 +102,7 @@ def load_spec(path):
         base["data_dir"] = str(Path(base["data_dir"]).resolve())
     known = train_option_names()
     for k in list(base) + list(axes):
-        if k not in known or k in NOT_IN_SPEC or k == "help":
+        if k not in known or k in NOT_IN_SPEC:
             raise SpecError(f"{path}: unknown option {k!r} (use the names of 'train' options, e.g. batch_size)")
     for k, v in axes.items():
         if not isinstance(v, list) or not v:
