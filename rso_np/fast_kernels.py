@@ -115,6 +115,20 @@ def _thread_buffer(name, shape, dtype, zero=False):
     return bufs[key]
 
 
+def _relu(x, out):
+    """out[...] = relu(x), as ``functional.relu`` gives it (NaN and -0.0 included), through NumPy's
+    maximum against an array of zeros (this thread's, never written): against the scalar 0 the same
+    loop runs several times slower."""
+    return np.maximum(x, _thread_buffer("zeros", x.shape, x.dtype, zero=True), out=out)
+
+
+def _per_pixel(v, pixels):
+    """A per-channel vector v (..., C) repeated for ``pixels`` pixels: (..., pixels*C), to multiply or add
+    to images laid out channels-last and flattened. Same numbers; NumPy's loops run faster over long rows
+    than over a broadcast row of C numbers."""
+    return np.tile(v, (1,) * (v.ndim - 1) + (pixels,))
+
+
 def _run_split(n, block, work):
     """work(blocks) over images 0..n-1 in blocks of ``block``: ``blocks`` yields (start, stop) pairs. Inside
     ``parallel_cpu`` every thread runs work() and the threads claim the next block from a shared counter
@@ -180,7 +194,7 @@ def staged(x):
 def staged_relu(x):
     """relu(x), applied while a convolution copies x."""
     src = x.transpose(0, 2, 3, 1)
-    return Staged(lambda dst, s, e: np.maximum(src[s:e], 0, out=dst), x.shape, x.dtype)
+    return Staged(lambda dst, s, e: _relu(src[s:e], dst), x.shape, x.dtype)
 
 
 def staged_rows(acts, rows, channel=None, into=None):
@@ -196,26 +210,33 @@ def staged_rows(acts, rows, channel=None, into=None):
     return Staged(fill, (len(rows),) + acts.shape[1:], acts.dtype)
 
 
-def staged_candidates(y, dy, relu):
-    """The 3B batch (y + dy[:B], y, y + dy[B:]) of W + dW, W and W - dW, followed by ReLU if ``relu``."""
-    B = y.shape[0]
+def staged_candidates(y, dy, relu, bn=None):
+    """The 3B batch (y + dy[:B], y, y + dy[B:]) of W + dW, W and W - dW, followed by ReLU if ``relu``.
+    ``bn``: (scale, shift), each (3, C), from ``candidates_bn_scale_shift``: batch norm with each
+    candidate's statistics applied before the ReLU (y and dy channels-last)."""
+    B, C, H, W = y.shape
     ys, ds = y.transpose(0, 2, 3, 1), dy.transpose(0, 2, 3, 1)
+    if bn is not None:
+        scale, shift = (_per_pixel(a, H * W) for a in bn)
 
     def fill(dst, s, e):
         for g in range(s // B, (e - 1) // B + 1):           # the candidates this block of images spans
             a, b = max(s, g * B), min(e, (g + 1) * B)
             out = dst[a - s:b - s]
-            if g == 1:
-                if relu:
-                    np.maximum(ys[a - B:b - B], 0, out=out)
-                else:
-                    out[...] = ys[a - B:b - B]
-                continue
-            # dy rows: g = 0 -> 0..B-1, g = 2 -> B..2B-1; with ReLU the sum goes through a contiguous buffer
-            t = _thread_buffer("cand", dst.shape, dst.dtype)[a - s:b - s] if relu else out
-            np.add(ys[a - g * B:b - g * B], ds[a - g * B + g // 2 * B:b - g * B + g // 2 * B], out=t)
+            # dy rows: g = 0 -> 0..B-1, g = 2 -> B..2B-1; a ReLU or batch norm goes through a contiguous buffer
+            t = _thread_buffer("cand", dst.shape, dst.dtype)[a - s:b - s] if relu or bn else out
+            src = ys[a - B:b - B]
+            if g != 1:
+                src = np.add(ys[a - g * B:b - g * B], ds[a - g * B + g // 2 * B:b - g * B + g // 2 * B], out=t)
+            if bn is not None:
+                flat = t.reshape(b - a, -1)
+                np.multiply(src.reshape(b - a, -1), scale[g], out=flat)
+                flat += shift[g]
+                src = t
             if relu:
-                np.maximum(t, 0, out=out)
+                _relu(src, out)
+            elif src is not out:
+                out[...] = src
     return Staged(fill, (3 * B,) + y.shape[1:], y.dtype)
 
 
@@ -307,7 +328,7 @@ def _conv_blocks(x, blocks, Wm, out, KH, KW, stride, padding, n, bias, relu):
         if bias is not None:
             o += bias
         if relu:
-            np.maximum(o, 0, out=o)
+            _relu(o, o)
 
 
 def _by_row(xh, KH, KW, stride, OH, OW):
@@ -410,13 +431,36 @@ def _channel_sums(v, image_rows):
     (G, C) float64 each. Float32 sums over blocks of a few thousand rows (whole images), then float64
     across blocks: as accurate as ``functional.batch_stats``, and fewer passes over memory."""
     G, M, C = v.shape
+    n = _block_rows(M, image_rows)
+    p = v.reshape(G * (M // n), n, C)
+    return _block_sums(G, M, n, lambda i: p[i], v.dtype)
+
+
+def _block_rows(M, image_rows):
+    """Rows per block of ``_channel_sums`` for M rows: whole images, a few thousand rows, dividing M."""
     k = max(1, 8192 // image_rows)                       # images per block: a divisor of the batch
     while (M // image_rows) % k:
         k -= 1
-    n = k * image_rows
-    p = v.reshape(G, M // n, n, C)
-    s1 = (np.ones(n, dtype=v.dtype) @ p).sum(axis=1, dtype=np.float64)     # a matrix product sums fastest
-    s2 = np.einsum("gbnc,gbnc->gbc", p, p).sum(axis=1, dtype=np.float64)
+    return k * image_rows
+
+
+def _block_sums(G, M, n, block, dtype):
+    """``_channel_sums`` of G groups of M rows given by their blocks of n rows: block(i) -> (n, C) for
+    i = g * (M // n) + b. The blocks are summed on every core inside ``parallel_cpu()``."""
+    count = G * (M // n)
+    C = block(0).shape[1]
+    s1, s2 = np.empty((2, count, C), dtype=dtype)
+    ones = np.ones(n, dtype=dtype)
+
+    def work(claimed):
+        for s, e in claimed:
+            for i in range(s, e):
+                p = block(i)
+                np.matmul(ones, p, out=s1[i])            # a matrix product sums fastest
+                s2[i] = np.einsum("nc,nc->c", p, p)
+    _run_split(count, 1, work)
+    s1 = s1.reshape(G, -1, C).sum(axis=1, dtype=np.float64)
+    s2 = s2.reshape(G, -1, C).sum(axis=1, dtype=np.float64)
     return s1 / M, s2 / M
 
 
@@ -431,25 +475,52 @@ def bn_scale_shift(x, gamma, beta, eps, groups=1):
     scale = gamma / sqrt(var + eps) and shift = beta - mean * scale."""
     N, C, H, W = x.shape
     mean, sq = _channel_sums(x.transpose(0, 2, 3, 1).reshape(groups, -1, C), H * W)
-    mean32 = mean.astype(x.dtype)
-    var32 = np.maximum(sq - mean * mean, 0.0).astype(x.dtype)
-    scale = (1.0 / np.sqrt(var32 + x.dtype.type(eps))) * gamma
+    return _scale_shift(mean, sq, gamma, beta, eps, x.dtype)
+
+
+def candidates_bn_scale_shift(y, dy, gamma, beta, eps):
+    """``bn_scale_shift`` of the 3B batch (y + dy[:B], y, y + dy[B:]) of ``staged_candidates`` with
+    groups=3, without making that batch: each block of rows is summed right after it is added up in a
+    small buffer. y (B, C, H, W) and dy (2B, C, H, W) channels-last; same numbers."""
+    B, C, H, W = y.shape
+    M = B * H * W
+    ys, ds = y.transpose(0, 2, 3, 1).reshape(M, C), dy.transpose(0, 2, 3, 1).reshape(2 * M, C)
+    n = _block_rows(M, H * W)
+
+    def block(i):
+        g, r = divmod(i * n, M)                            # candidate g, its rows r .. r+n-1
+        if g == 1:
+            return ys[r:r + n]
+        t = _thread_buffer("cand_sums", (n, C), y.dtype)
+        return np.add(ys[r:r + n], ds[g // 2 * M + r:g // 2 * M + r + n], out=t)
+    mean, sq = _block_sums(3, M, n, block, y.dtype)
+    return _scale_shift(mean, sq, gamma, beta, eps, y.dtype)
+
+
+def _scale_shift(mean, sq, gamma, beta, eps, dtype):
+    """(scale, shift) of batch norm from the per-channel mean and mean square (float64)."""
+    mean32 = mean.astype(dtype)
+    var32 = np.maximum(sq - mean * mean, 0.0).astype(dtype)
+    scale = (1.0 / np.sqrt(var32 + dtype.type(eps))) * gamma
     return scale, beta - mean32 * scale
 
 
 def staged_bn_relu(x, scale, shift):
     """relu(x * scale[g] + shift[g]) for the images of group g (``bn_scale_shift``), applied while a
     convolution copies x: batch norm and ReLU cost no pass over memory of their own."""
-    src, B = x.transpose(0, 2, 3, 1), x.shape[0] // scale.shape[0]
+    N, C, H, W = x.shape
+    src, B = x.transpose(0, 2, 3, 1).reshape(N, H * W * C), N // scale.shape[0]
+    scale, shift = _per_pixel(scale, H * W), _per_pixel(shift, H * W)
 
     def fill(dst, s, e):
         tmp = _thread_buffer("bn_relu", dst.shape, dst.dtype)
+        flat = tmp.reshape(tmp.shape[0], -1)
         for g in range(s // B, (e - 1) // B + 1):           # the groups this block of images spans
             a, b = max(s, g * B), min(e, (g + 1) * B)
-            t = tmp[a - s:b - s]                            # contiguous: numpy's loops run faster there
+            t = flat[a - s:b - s]                           # contiguous: numpy's loops run faster there
             np.multiply(src[a:b], scale[g], out=t)
             t += shift[g]
-            np.maximum(t, 0, out=dst[a - s:b - s])
+            _relu(tmp[a - s:b - s], dst[a - s:b - s])
     return Staged(fill, x.shape, x.dtype)
 
 
@@ -471,7 +542,7 @@ def batch_norm(x, gamma, beta, eps, groups=1, ws=None, key=None):
     scale, shift = bn_scale_shift(x, gamma, beta, eps, groups)
     out = _take(ws, key, (N, H, W, C), x.dtype)
     out = np.empty((N, H, W, C), dtype=x.dtype) if out is None else out
-    o = out.reshape(groups, B * H * W, C)
-    np.multiply(v, scale[:, None, :], out=o)
-    o += shift[:, None, :]
+    o = out.reshape(groups, B, H * W * C)
+    np.multiply(v.reshape(groups, B, H * W * C), _per_pixel(scale, H * W)[:, None], out=o)
+    o += _per_pixel(shift, H * W)[:, None]
     return out.transpose(0, 3, 1, 2)

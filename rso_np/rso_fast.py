@@ -54,6 +54,7 @@ from .fast_kernels import (
     Workspace,
     batch_norm,
     bn_scale_shift,
+    candidates_bn_scale_shift,
     channels_last,
     conv2d,
     conv_avg_pool,
@@ -447,6 +448,8 @@ class ChannelDelta:
         nxt = self.after_at + 1 if self.after_at < len(layers) and isinstance(layers[self.after_at], ReLU) \
             else self.after_at                             # the conv after layer m, if only a ReLU lies between
         self.next_conv = nxt if nxt < len(layers) and isinstance(layers[nxt], Conv2d) else None
+        seq = layers[self.after_at:self.after_at + 3]      # or batch norm (searching: batch statistics), ReLU, conv
+        self.next_bn = seq[0] if [type(l) for l in seq] == [BatchNorm2d, ReLU, Conv2d] and seq[0].training else None
         self._choose_steps(isinstance(self.layer, Conv2d), unit.name.endswith(".weight"))
 
     def _choose_steps(self, conv, weight):
@@ -468,8 +471,9 @@ class ChannelDelta:
         if self.mix is None:
             self.rest = self._rest_unmixed
         else:
-            staged_rest = cpu and isinstance(self.mix, Conv2d) and self.next_conv is not None
-            self.rest = self._rest_staged if staged_rest else self._rest
+            staged = cpu and isinstance(self.mix, Conv2d)
+            self.rest = (self._rest_staged if staged and self.next_conv is not None else
+                         self._rest_staged_bn if staged and self.next_bn is not None else self._rest)
 
     def __call__(self, j, rows, w0, wp, wm):
         z, hc = self.output(j, rows)                       # layer d (+ its folded pooling), W[j] = w0
@@ -606,6 +610,17 @@ class ChannelDelta:
         """y + dy (and the ReLU after layer m) done while the next conv copies its input."""
         dy, nc = self._dy(da, o, cols), self.next_conv
         out = conv_block(self.layers, nc, staged_candidates(y, dy, nc > self.after_at), ws=self.ws)
+        return forward_grouped(self.layers[nc + block_size(self.layers, nc):], out, 3, self.ws)
+
+    def _rest_staged_bn(self, a, y, da, o, cols):
+        """Batch norm and ReLU between layer m and the next conv: each candidate's statistics from y and dy
+        block by block, and y + dy, batch norm and ReLU done while the next conv copies its input (the 3B
+        batch itself is never stored)."""
+        dy, bn, nc = self._dy(da, o, cols), self.next_bn, self.after_at + 2
+        if not (channels_last(y) and channels_last(dy)):
+            return self._rest(a, y, da, o, cols)
+        norm = candidates_bn_scale_shift(y, dy, bn.params["weight"], bn.params["bias"], bn.eps)
+        out = conv_block(self.layers, nc, staged_candidates(y, dy, True, norm), ws=self.ws)
         return forward_grouped(self.layers[nc + block_size(self.layers, nc):], out, 3, self.ws)
 
     def _rest_unmixed(self, a, y, da, o, cols):

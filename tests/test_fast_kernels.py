@@ -1,6 +1,8 @@
 """Each fast kernel against the reference kernel it stands for (``functional.py``), and against an
 independent oracle (scipy.signal.correlate or plain loops) where one exists."""
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -152,6 +154,42 @@ def test_conv_avg_pool_vs_loops(shape, k, padding, pool, pool_stride):
     out = FK.conv_avg_pool(x, W, b, padding, pool, pool_stride)
     assert out.shape == ref.shape and np.abs(out - ref).max() < 1e-12
     assert np.abs(out - F.avg_pool2d(F.conv2d(x, W, b, 1, padding), pool, pool_stride)).max() < 1e-12
+
+
+def test_relu_bit_for_bit():
+    """The ReLU of the staged kernels (maximum against an array of zeros) gives functional.relu's bits,
+    NaN, infinities and -0.0 included."""
+    x = np.random.default_rng(9).standard_normal(1000).astype(np.float32)
+    x[:4] = [-0.0, np.nan, np.inf, -np.inf]
+    out = np.empty_like(x)
+    FK._relu(x, out)
+    assert np.array_equal(out.view(np.int32), F.relu(x).view(np.int32))
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_candidates_batch_norm_without_the_batch(parallel):
+    """The candidates' batch norm (each candidate's statistics) from y and dy, never making the 3B batch:
+    the same numbers as bn_scale_shift and staged_bn_relu on that batch, and the reference batch norm
+    and ReLU, candidate by candidate. Several blocks per candidate, summed on every core or serially."""
+    rng = np.random.default_rng(5)
+    B, C, H, W = 24, 3, 32, 32                                 # blocks of 8 images: 3 per candidate
+    y = (rng.standard_normal((B, H, W, C)) * 2 + 1).astype(np.float32).transpose(0, 3, 1, 2)
+    dy = rng.standard_normal((2 * B, H, W, C)).astype(np.float32).transpose(0, 3, 1, 2)
+    g, b = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    yc = np.ascontiguousarray(np.concatenate([y + dy[:B], y, y + dy[B:]]).transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    with FK.parallel_cpu() if parallel else contextlib.nullcontext():
+        norm = FK.candidates_bn_scale_shift(y, dy, g, b, 1e-3)
+        same = FK.bn_scale_shift(yc, g, b, 1e-3, 3)
+        staged = FK.staged_candidates(y, dy, True, norm)
+        got = staged.array()
+    assert all(np.array_equal(a, e) for a, e in zip(norm, same))
+    assert np.array_equal(got, FK.staged_bn_relu(yc, *same).array())
+    ref = np.concatenate([F.relu(F.batch_norm2d(yc[k * B:(k + 1) * B], g, b, eps=1e-3)[0]) for k in range(3)])
+    assert np.abs(got - ref).max() < 1e-5
+    out = np.empty((3 * B, H, W, C), np.float32)
+    for s, e in ((0, 5), (5, 30), (30, 3 * B)):                 # blocks across the candidates' borders
+        staged.fill(out[s:e], s, e)
+    assert np.array_equal(out.transpose(0, 3, 1, 2), got)
 
 
 @pytest.mark.parametrize("groups", [1, 3])
