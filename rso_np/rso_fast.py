@@ -231,11 +231,20 @@ class FastRSO(RSO):
         the inputs of searched layers with no batch norm before them (after one, an image's activation
         depends on the other images of its minibatch). With statistics frozen before the searched layer
         (``bn_statistics="frozen-before"``), the input of every searched conv or dense layer: everything
-        before it is fixed for the pass. A batch-norm pass starts from its conv's stored input."""
+        before it is fixed for the pass. A batch norm's own input is stored for its passes only
+        (``_own_point``)."""
         if self.config.bn_statistics == "frozen-before":
             return sorted({u.layer_index for u in self.units if u.layer_index > 0 and not u.batch_norm})
         first_bn = next((i for i, l in enumerate(self.layers) if isinstance(l, BatchNorm2d)), len(self.layers))
         return sorted({u.layer_index for u in self.units if 0 < u.layer_index <= first_bn})
+
+    def _own_point(self, d):
+        """{d} where layer d is a batch norm searched with statistics frozen before it: its input, the
+        conv's output, is fixed for its passes (shift, then scale: 2 * C trials on the same chunks), so
+        it is stored for them. Never ahead of time: the conv before it is searched right before it."""
+        if self.config.bn_statistics == "frozen-before" and d > 0 and isinstance(self.layers[d], BatchNorm2d):
+            return {d}
+        return set()
 
     def _weights_before(self, k):
         """Everything a stored input of layer k was computed from: the weights before layer k, and the
@@ -259,7 +268,7 @@ class FastRSO(RSO):
         ``cache_bytes`` allows) are stored for every training image; returns (k, acts): the deepest stored
         layer k <= d and its input (k = 0: the training images themselves)."""
         spare = self._drop_stale()
-        points = [k for k in sorted(self._points, reverse=True) if k <= d]
+        points = [k for k in sorted(set(self._points) | self._own_point(d), reverse=True) if k <= d]
         k0 = next((k for k in points if k in self._store), 0)
         want = self._plan_store([k for k in points if k > k0], spare)
         if want:

@@ -136,6 +136,25 @@ def test_kept_channels_only_where_chunks_come_back(monkeypatch):
     assert trial_kind(32, minibatches="draw") == "ChannelDelta"
 
 
+def test_batch_norm_passes_gather_their_stored_input():
+    """With statistics frozen before the searched layer, a batch norm's passes gather its input (the conv's
+    output) from a store made for them, computed with the weights before it; never stored ahead of time."""
+    x, y = data(np, 320, 14)
+    eng = FastRSO(paper_mnist(batch_norm=True, channels=4), x, y,
+                  RSOConfig(batch_size=32, **dict(AUTHORS, bn_reference_images=100)), np.random.default_rng(0))
+    bn = next(i for i, (n, _) in enumerate(eng.model.named_layers()) if n == "bn2")
+    fc = next(u for u in eng.units if u.name == "fc.weight")
+    eng.start_pass(fc)
+    eng._trial_fn(fc)
+    assert bn not in eng._store                       # the first pass stores the conv and dense inputs only
+    unit = next(u for u in eng.units if u.name == "bn2.bias")
+    eng.start_pass(unit)
+    trial = eng._trial_fn(unit)
+    assert trial.stored is eng._store[bn][1]
+    rows = np.arange(32)
+    assert np.abs(trial.get_h(rows) - eng.model.forward(x[rows], check=False, stop=bn)).max() < 1e-5
+
+
 def test_fast_matches_literal_small_blocks(monkeypatch):
     """Blocks of a few images, so that every convolution is split between threads (as at full size)."""
     monkeypatch.setattr(fast_kernels, "CONV_BLOCK_BYTES", 16 << 10)
