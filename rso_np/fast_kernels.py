@@ -11,6 +11,9 @@ here                                        equals
                                             on every core inside ``parallel_cpu()``
 ``conv_avg_pool(x, W, b, padding, pool)``   ``functional.avg_pool2d(functional.conv2d(...))``
 ``conv_global_avg(x, W, b, stride, pad)``   ``functional.global_avg_pool2d(functional.conv2d(...))``
+``bn_global_avg(x, gamma, beta, eps)``      ``functional.global_avg_pool2d(functional.batch_norm2d(...))``
+``batch_norm``, ``bn_scale_shift``,         ``functional.batch_norm2d`` with each group's statistics
+``candidates_bn_scale_shift``               (the last: of the candidates' batch, never made)
 ``Staged`` (``staged_rows``, ``staged_relu``,  the array it stands for (``acts[rows]``, ``relu(y)``,
 ``staged_candidates``)                      the 3B batch of candidates)
 ==========================================  =========================================================
@@ -503,6 +506,18 @@ def _scale_shift(mean, sq, gamma, beta, eps, dtype):
     var32 = np.maximum(sq - mean * mean, 0.0).astype(dtype)
     scale = (1.0 / np.sqrt(var32 + dtype.type(eps))) * gamma
     return scale, beta - mean32 * scale
+
+
+def bn_global_avg(x, gamma, beta, eps, groups=1):
+    """global_avg_pool2d(batch_norm(x_g)) with the batch statistics of each of ``groups`` consecutive
+    equal blocks x_g of x (NumPy, channels-last): (N, C). Batch norm is affine per channel, so it is
+    applied to the pooled channels; the normalised images are never made. Same numbers up to float
+    rounding."""
+    N, C, H, W = x.shape
+    scale, shift = bn_scale_shift(x, gamma, beta, eps, groups)
+    pooled = np.ones(H * W, dtype=x.dtype) @ x.transpose(0, 2, 3, 1).reshape(N, H * W, C)
+    pooled *= x.dtype.type(1.0 / (H * W))
+    return (pooled.reshape(groups, -1, C) * scale[:, None] + shift[:, None]).reshape(N, C)
 
 
 def staged_bn_relu(x, scale, shift):

@@ -23,7 +23,9 @@ each a named step below:
    layers as one batch of 3B (batch norm keeping the statistics of each candidate's own B images).
 5. Folding (``conv_block``). Average pooling is linear, so a convolution followed by it is one
    convolution (``fast_kernels.conv_avg_pool``), and a convolution followed by global average pooling is
-   one dense layer (``fast_kernels.conv_global_avg``).
+   one dense layer (``fast_kernels.conv_global_avg``). Batch norm is affine per channel once its
+   statistics are known, so global average pooling after it is batch norm of the pooled channels
+   (``fast_kernels.bn_global_avg``).
 6. Decisions stay on the device (``FastRSO.search_unit``): all draws of a layer are made up front on the
    host (the same calls, in the same order, as the literal engine), the candidates, the choice and the
    weight update are device operations, so a GPU run does not wait for the host on every trial.
@@ -53,6 +55,7 @@ from .fast_kernels import (
     Staged,
     Workspace,
     batch_norm,
+    bn_global_avg,
     bn_scale_shift,
     candidates_bn_scale_shift,
     channels_last,
@@ -147,6 +150,11 @@ def forward_grouped(layers, x, groups=1, ws=None):
             scale, shift = bn_scale_shift(x, layer.params["weight"], layer.params["bias"], layer.eps, groups)
             x = conv_block(layers, i + 2, staged_bn_relu(x, scale, shift), ws=ws)
             i += 2 + block_size(layers, i + 2)
+        elif (isinstance(layer, BatchNorm2d) and layer.training and i + 1 < len(layers)
+              and isinstance(layers[i + 1], GlobalAvgPool2d) and channels_last(x)):
+            # global pooling after batch norm: batch norm of the pooled channels (it is affine per channel)
+            x = bn_global_avg(x, layer.params["weight"], layer.params["bias"], layer.eps, groups)
+            i += 2
         elif isinstance(layer, Conv2d):
             x = conv_block(layers, i, x, ws=ws)
             i += block_size(layers, i)

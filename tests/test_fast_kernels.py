@@ -156,6 +156,24 @@ def test_conv_avg_pool_vs_loops(shape, k, padding, pool, pool_stride):
     assert np.abs(out - F.avg_pool2d(F.conv2d(x, W, b, 1, padding), pool, pool_stride)).max() < 1e-12
 
 
+@pytest.mark.parametrize("groups", [1, 3])
+def test_bn_global_avg_vs_reference(groups):
+    """Global average pooling after batch norm (each group's statistics), computed as batch norm of the
+    pooled channels: against functional.batch_norm2d then global_avg_pool2d, and float64 formulas."""
+    rng = np.random.default_rng(6)
+    B, C, H, W = 5, 4, 7, 7
+    x = (rng.standard_normal((groups * B, H, W, C)) * 2 - 1).astype(np.float32).transpose(0, 3, 1, 2)
+    g, b = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    got = FK.bn_global_avg(x, g, b, 1e-3, groups)
+    ref = np.concatenate([F.global_avg_pool2d(F.batch_norm2d(x[k * B:(k + 1) * B], g, b, eps=1e-3)[0])
+                          for k in range(groups)])
+    x64 = x.astype(np.float64).reshape(groups, B, C, H, W)
+    m, v = x64.mean(axis=(1, 3, 4), keepdims=True), x64.var(axis=(1, 3, 4), keepdims=True)
+    exact = ((x64 - m) / np.sqrt(v + 1e-3) * g[:, None, None] + b[:, None, None]).mean(axis=(3, 4))
+    assert got.shape == (groups * B, C)
+    assert np.abs(got - ref).max() < 1e-5 and np.abs(got - exact.reshape(-1, C)).max() < 1e-5
+
+
 def test_relu_bit_for_bit():
     """The ReLU of the staged kernels (maximum against an array of zeros) gives functional.relu's bits,
     NaN, infinities and -0.0 included."""
