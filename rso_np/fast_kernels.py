@@ -120,9 +120,19 @@ def _thread_buffer(name, shape, dtype, zero=False):
 
 def _relu(x, out):
     """out[...] = relu(x), as ``functional.relu`` gives it (NaN and -0.0 included), through NumPy's
-    maximum against an array of zeros (this thread's, never written): against the scalar 0 the same
-    loop runs several times slower."""
-    return np.maximum(x, _thread_buffer("zeros", x.shape, x.dtype, zero=True), out=out)
+    maximum against an array of zeros (``_zeros``): against the scalar 0 the same loop runs several
+    times slower."""
+    return np.maximum(x, _zeros(x.shape, x.dtype), out=out)
+
+
+def _zeros(shape, dtype):
+    """Zeros of any shape, a view of this thread's one zero-filled buffer (grown when too small, never
+    written): blocks of many shapes share it, where one buffer per shape would crowd ``_thread_buffer``."""
+    n = int(np.prod(shape))
+    z = getattr(_threads, "zeros", None)
+    if z is None or z.size < n or z.dtype != dtype:
+        z = _threads.zeros = np.zeros(max(n, 0 if z is None or z.dtype != dtype else z.size), dtype=dtype)
+    return z[:n].reshape(shape)
 
 
 def _per_pixel(v, pixels):
