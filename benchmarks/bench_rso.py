@@ -181,13 +181,19 @@ ENGINES = ("literal", "fast", "fast_no_bn", "fast_unkept")
 
 
 @contextlib.contextmanager
-def kept_channels(on):
-    """``rso_fast.KEPT`` set to ``on`` inside (off: the fast engine as it was before shortcut 7)."""
-    rso_fast.KEPT = on
+def switched(flag, on):
+    """``rso_fast.<flag>`` (a shortcut's switch: ``KEPT``, ``STAGED_BN``) set to ``on`` inside."""
+    before = getattr(rso_fast, flag)
+    setattr(rso_fast, flag, on)
     try:
         yield
     finally:
-        rso_fast.KEPT = True
+        setattr(rso_fast, flag, before)
+
+
+def kept_channels(on):
+    """``rso_fast.KEPT`` set to ``on`` inside (off: the fast engine as it was before shortcut 7)."""
+    return switched("KEPT", on)
 
 
 def without_kept_channels(time_layer):

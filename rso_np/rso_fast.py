@@ -72,9 +72,10 @@ from .losses import per_sample_cross_entropy
 from .rso import KEEP, MINUS, PLUS, RSO
 
 STAGED = True       # on the CPU, gather / add / ReLU while a convolution copies its input (fast_kernels.Staged)
+STAGED_BN = True    # on the CPU, batch norm after the mixing layer from y and dy: the 3B batch never made
 KEPT = True         # with chunked minibatches, keep per chunk what one output channel's trials share (7.)
 # ... where each chunk comes back at least this many times within one output channel's trials (C_in*KH*KW
-# trials, training images / B chunks). Measured on paper_mnist_bn (benchmarks/bench_kept_channels.py and
+# trials, training images / B chunks). Measured on paper_mnist_bn (benchmarks/bench_shortcut.py and
 # bench_rso.py): 0.75 times (conv1 at minibatch 5000) was 37% slower than without keeping, 2.4 times (1000)
 # 3-5% faster, 4.8 times (2000) 12-20% faster, 12 times (5000) 1.1-2.8x faster.
 KEPT_VISITS = 2
@@ -490,7 +491,7 @@ class ChannelDelta:
         else:
             staged = cpu and isinstance(self.mix, Conv2d)
             self.rest = (self._rest_staged if staged and self.next_conv is not None else
-                         self._rest_staged_bn if staged and self.next_bn is not None else self._rest)
+                         self._rest_staged_bn if staged and STAGED_BN and self.next_bn is not None else self._rest)
 
     def __call__(self, j, rows, w0, wp, wm):
         z, hc = self.output(j, rows)                       # layer d (+ its folded pooling), W[j] = w0
