@@ -10,9 +10,11 @@ each a named step below:
    ``cache_bytes`` allows, deepest first); in the paper's order, last layer first, the later passes of
    the round find theirs stored. An entry stays valid while the weights before its layer are those it
    was computed with. Where the input of layer d is not stored, the trial starts from the deepest stored
-   one before it. Nothing after a batch norm is stored: in the search, batch norm uses the statistics
-   of the minibatch, so an image's activation there depends on which other images share its minibatch
-   (it is computed per trial, on the minibatch, as the literal engine does).
+   one before it. With batch-norm statistics of the minibatch, nothing after a batch norm is stored:
+   an image's activation there depends on which other images share its minibatch (it is computed per
+   trial, on the minibatch, as the literal engine does). With statistics frozen before the searched
+   layer (the authors' search) every searched layer's input is storable, and a batch norm's own input
+   is stored for its two passes (``_own_point``).
 2. Channel delta (``ChannelDelta``). W[o, c, ki, kj] += d changes only output channel o of a
    convolution, by d times one shifted slice of input channel c. ReLU, pooling and batch norm act per
    channel, so the change stays in channel o up to the next convolution (or dense layer), which then
