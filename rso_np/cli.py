@@ -106,8 +106,9 @@ def build_parser():
     g.add_argument("--stop-after", type=positive_int, metavar="N",
                    help="stop after N rounds/epochs of this invocation (continue later with --resume)")
     g.add_argument("--no-progress", action="store_true",
-                   help="no progress inside rounds (default: a bar with trials per second, time left and "
-                        "the layer searched; a line a minute when stderr is a file)")
+                   help="no progress inside rounds (default: a bar with trials per second, the layer searched "
+                        "and the time left in the round, by each layer's pace in the previous round; a line a "
+                        "minute when stderr is a file)")
     g = t.add_argument_group("RSO options (defaults: the paper's pseudocode, see rso_np/rso.py RSOConfig)")
     g.add_argument("--engine", choices=("fast", "literal"),
                    help="fast (exact shortcuts, same decisions; default) or literal (Algorithm 1 line by line)")

@@ -240,5 +240,33 @@ def test_progress_lines_in_a_log(monkeypatch):
     now[0] = 200.0
     bar(10, 10, "conv1.weight")
     lines = buf.getvalue().splitlines()          # after 61 s, and at the end (138 s after the last line)
-    assert lines == ["  3/10 trials (30%), conv2.weight, 20.00s/trial, 02:20 left",
-                     "  10/10 trials (100%), conv1.weight, 19.89s/trial, 00:00 left"], buf.getvalue()
+    assert lines == ["  3/10 trials (30%), conv2.weight, 20.00s/trial, 03:30 left at this pace",
+                     "  10/10 trials (100%), conv1.weight, 19.89s/trial, 00:00 left at this pace"], buf.getvalue()
+
+
+def test_progress_time_left_by_layer(monkeypatch):
+    """In a round after one seen whole, the time left is each layer's pace in that round times its trials
+    still to come (a slow layer ahead counts as slow); in the first round, the current layer's pace."""
+    import io
+
+    import tqdm.std
+    from rso_np.progress import Progress
+    now = [0.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: now[0])
+    buf = io.StringIO()
+    bar = Progress(stream=buf, log_every=0)                # a line at every trial
+    steps = [(0, 1, "fc"), (1, 2, "fc"), (2, 3, "fc"), (3, 4, "fc"), (13, 5, "conv"), (23, 6, "conv")]
+    for t, done, what in steps:                            # 4 trials of 1 s, then 2 of 10 s
+        now[0] = t
+        bar(done, 6, what)
+    first = [line.split(", ")[-1] for line in buf.getvalue().splitlines()]
+    assert first[-6:] == ["? left", "00:04 left at this pace", "00:03 left at this pace", "00:02 left at this pace",
+                         "00:10 left at this pace", "00:00 left at this pace"], first
+    assert bar.pace == {"fc": (4, 1.0), "conv": (2, 10.0)}
+    buf.truncate(0)
+    buf.seek(0)
+    for t, done, what in steps[:3]:                        # round 2: the slow layer is still to come
+        now[0] = 100 + t
+        bar(done, 6, what)
+    second = [line.split(", ")[-1] for line in buf.getvalue().splitlines()]
+    assert second[-3:] == ["00:23 left in the round", "00:22 left in the round", "00:21 left in the round"], second
