@@ -737,8 +737,15 @@ class KeptChannels(ChannelDelta):
     def _first_visit(self, rows):
         """[z_o (float64), y_rest, log position] of a chunk, from its stored input and the weights now."""
         o = self.o
-        z = conv_block(self.layers, self.d, self.get_h(rows))
+        z = conv_block(self.layers, self.d, staged_rows(self.stored, rows))   # gathered as the conv copies it
         zo = z[:, o].astype(np.float64)
+        if (isinstance(self.mix, Conv2d) and [type(l) for l in self.between] == [BatchNorm2d, ReLU]
+                and self.between[0].training and channels_last(z)):
+            # batch norm and ReLU applied as layer m's conv copies z, channel o scaled and shifted to 0
+            bn = self.between[0]
+            scale, shift = bn_scale_shift(z, bn.params["weight"], bn.params["bias"], bn.eps)
+            scale[:, o], shift[:, o] = 0, 0
+            return [zo, conv_block(self.layers, self.m, staged_bn_relu(z, scale, shift)), len(self.log)]
         a = forward_grouped(self.between, z, 1)            # arrays of its own (z is not needed after this)
         if a.ndim == 4:
             a[:, o] = 0
