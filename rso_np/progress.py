@@ -96,7 +96,7 @@ class Progress:
             trials, per = self.pace[what]
             left = max(0, trials - self._round[what][0]) * per
             left += sum(n * s for n, s in list(self.pace.values())[names.index(what) + 1:])
-            return f"{plain_tqdm.format_interval(left)} left in the round"
+            return f"{plain_tqdm.format_interval(left)} left in the {'round' if self.unit == 'trial' else 'epoch'}"
         _, timed, seconds = self._round[what]
         if not timed:
             return "? left"
