@@ -191,15 +191,10 @@ def switched(flag, on):
         setattr(rso_fast, flag, before)
 
 
-def kept_channels(on):
-    """``rso_fast.KEPT`` set to ``on`` inside (off: the fast engine as it was before shortcut 7)."""
-    return switched("KEPT", on)
-
-
 def without_kept_channels(time_layer):
-    """time_layer with kept channels off while it runs."""
+    """time_layer with kept channels off while it runs: the fast engine as it was before shortcut 7."""
     def timed(name, trials):
-        with kept_channels(False):
+        with switched("KEPT", False):
             return time_layer(name, trials)
     return timed
 

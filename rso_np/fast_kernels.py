@@ -446,7 +446,7 @@ def _channel_sums(v, image_rows):
     G, M, C = v.shape
     n = _block_rows(M, image_rows)
     p = v.reshape(G * (M // n), n, C)
-    return _block_sums(G, M, n, lambda i: p[i], v.dtype)
+    return _block_sums(G, M, n, C, lambda i: p[i], v.dtype)
 
 
 def _block_rows(M, image_rows):
@@ -457,11 +457,10 @@ def _block_rows(M, image_rows):
     return k * image_rows
 
 
-def _block_sums(G, M, n, block, dtype):
+def _block_sums(G, M, n, C, block, dtype):
     """``_channel_sums`` of G groups of M rows given by their blocks of n rows: block(i) -> (n, C) for
     i = g * (M // n) + b. The blocks are summed on every core inside ``parallel_cpu()``."""
     count = G * (M // n)
-    C = block(0).shape[1]
     s1, s2 = np.empty((2, count, C), dtype=dtype)
     ones = np.ones(n, dtype=dtype)
 
@@ -506,7 +505,7 @@ def candidates_bn_scale_shift(y, dy, gamma, beta, eps):
             return ys[r:r + n]
         t = _thread_buffer("cand_sums", (n, C), y.dtype)
         return np.add(ys[r:r + n], ds[g // 2 * M + r:g // 2 * M + r + n], out=t)
-    mean, sq = _block_sums(3, M, n, block, y.dtype)
+    mean, sq = _block_sums(3, M, n, C, block, y.dtype)
     return _scale_shift(mean, sq, gamma, beta, eps, y.dtype)
 
 
