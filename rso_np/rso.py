@@ -188,8 +188,9 @@ def candidates(w, dw, weight_decay):
     """The three float32 values tried for one weight: (w0 + dW, w0, w0 - dW), w0 = w * (1 - decay).
 
     Computed on the host in float64 and rounded once to float32, so every engine and backend tries
-    bit-identical values.
+    bit-identical values. ``w``: a float32 scalar, on the host or (a 0-d array) on the device.
     """
+    w = float(w)                      # exact for a float32; CuPy refuses an implicit np.float64(array)
     w0 = np.float32(np.float64(w) * (1.0 - weight_decay)) if weight_decay else np.float32(w)
     return np.float32(np.float64(w0) + dw), w0, np.float32(np.float64(w0) - dw)
 

@@ -7,7 +7,7 @@ from rso_np.backend import to_numpy
 from rso_np.layers import AvgPool2d, BatchNorm2d, Conv2d, Dense, Flatten, ReLU
 from rso_np.losses import logit_cross_entropy
 from rso_np.model import Sequential
-from rso_np.rso import KEEP, MINUS, PLUS, RSO, RSOConfig, choose, sigma_at_round
+from rso_np.rso import KEEP, MINUS, PLUS, RSO, RSOConfig, candidates, choose, sigma_at_round
 
 
 def tiny_model(seed=0, bn=False):
@@ -154,3 +154,29 @@ def test_batch_larger_than_data():
     x, y = tiny_data(np, n=10)
     with pytest.raises(ValueError, match="batch_size 16 is larger than the training set"):
         RSO(tiny_model(), x, y, RSOConfig(batch_size=16))
+
+
+class _DeviceScalar:
+    """A 0-d device array as CuPy's behaves: float() copies it to the host, NumPy may not convert it."""
+
+    def __init__(self, v):
+        self.v = np.float32(v)
+
+    def __float__(self):
+        return float(self.v)
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed")
+
+
+@pytest.mark.parametrize("wd", [0.0, 1e-4])
+def test_candidates_of_a_device_scalar(wd):
+    """The literal engine hands ``candidates`` a 0-d array of the model's backend; on CuPy that must not go
+    through NumPy's implicit conversion, and the values are the host's, bit for bit."""
+    w, dw = np.float32(0.3712), 0.0123456789
+    host = candidates(w, dw, wd)
+    dev = candidates(_DeviceScalar(w), dw, wd)
+    assert all(type(v) is np.float32 for v in dev)
+    assert [v.tobytes() for v in dev] == [v.tobytes() for v in host]
+    w0 = np.float32(np.float64(w) * (1 - wd))
+    assert dev[0] == np.float32(np.float64(w0) + dw) and dev[2] == np.float32(np.float64(w0) - dw)
