@@ -20,7 +20,8 @@ output channel of each convolution: what it keeps per chunk is made once per out
 that channel's trials, so fewer trials would not show its average cost.
 
 ``--torch`` also times the straightforward PyTorch version of the same algorithm on the same network and
-minibatches (three ``model(x)`` calls per weight under ``no_grad``); it is skipped with a message where
+minibatches (three ``model(x)`` calls per weight under ``no_grad``), on the CUDA device with ``--device gpu``;
+it is skipped with a message where
 PyTorch is not installed (it is not a dependency of rso_np).
 
 Training images: real MNIST from --data-dir or $RSO_NP_DATA/mnist when present, otherwise 60,000
@@ -38,7 +39,7 @@ import time
 
 import numpy as np
 
-from rso_np.backend import get_xp, synchronize, to_numpy
+from rso_np.backend import DeviceError, get_xp, synchronize, to_numpy
 from rso_np.fast_kernels import parallel_cpu
 from rso_np.layers import AvgPool2d, BatchNorm2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, MaxPool2d, ReLU
 from rso_np.models import build_model
@@ -139,21 +140,21 @@ def torch_model(model):
     return net
 
 
-def torch_timer(model_name, x, y, cfg, bn_eps=None):
+def torch_timer(model_name, x, y, cfg, bn_eps=None, device="cpu"):
     """The obvious PyTorch implementation, timed one layer at a time like ``engine_timer``: mutate one
-    weight, three model(x) calls under no_grad, keep the best."""
+    weight, three model(x) calls under no_grad, keep the best. ``device`` is PyTorch's ("cpu", "cuda")."""
     import torch
     import torch.nn.functional as tF
     model = build_model(model_name, seed=0, bn_eps=bn_eps)
-    net = torch_model(model).train()
-    X, Y = torch.from_numpy(x), torch.from_numpy(y)
+    net = torch_model(model).train().to(device)
+    X, Y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
     rng = np.random.default_rng(0)
     params = dict(net.named_parameters())
     names = {f"{model.names[int(k.split('.')[0])]}.{k.split('.')[1]}": k for k in params}
     units = RSO(model, x[:cfg.batch_size], y[:cfg.batch_size], cfg, rng).units
 
     def trial(p, sigma, j):
-        idx = torch.from_numpy(rng.choice(X.shape[0], cfg.batch_size, replace=False))
+        idx = torch.from_numpy(rng.choice(X.shape[0], cfg.batch_size, replace=False)).to(device)
         xb, yb = X[idx], Y[idx]
         dw = float(rng.normal(0.0, sigma))
         w = float(p[j])
@@ -225,7 +226,10 @@ def main(argv=None):
     args.batch_size = args.batch_size or (5000 if paper else 256)
     if args.trials < 1 or args.batch_size < 1:
         ap.error("--trials and --batch-size must be at least 1")
-    xp = get_xp(args.device)
+    try:
+        xp = get_xp(args.device)
+    except DeviceError as exc:
+        ap.error(str(exc))
     x, y, source = training_images(args.data_dir)
     cfg = RSOConfig(batch_size=args.batch_size, **(AUTHORS if paper else {}))
     bn_eps = 1e-3 if paper else None
@@ -252,8 +256,11 @@ def main(argv=None):
         try:
             import torch
             torch.set_num_threads(os.cpu_count())
-            timers["torch"] = torch_timer(args.model, x, y, cfg, bn_eps)
-            res["torch"] = {"version": torch.__version__, "threads": torch.get_num_threads()}
+            device = "cuda" if args.device == "gpu" else "cpu"
+            if device == "cuda" and not torch.cuda.is_available():
+                ap.error("--torch with --device gpu: this PyTorch sees no CUDA device")
+            timers["torch"] = torch_timer(args.model, x, y, cfg, bn_eps, device)
+            res["torch"] = {"version": torch.__version__, "device": device, "threads": torch.get_num_threads()}
         except ImportError:
             print("--torch: PyTorch is not installed; skipping the PyTorch comparison", file=sys.stderr)
             res["torch_skipped"] = "PyTorch not installed"
