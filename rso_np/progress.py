@@ -65,6 +65,7 @@ class Progress:
         self.interactive = _interactive(self.stream)
         self.bar, self.what = None, None
         self.pace = {}          # the last round seen: layer -> (trials, seconds per trial), in its order
+        self._after = {}        # the last round seen: layer -> seconds of the layers after it
         self._round = {}        # this round so far: layer -> [trials, trials timed, their seconds]
         self._last = None       # (done, time) at the previous call
 
@@ -91,11 +92,9 @@ class Progress:
     def _left(self, what, done, total):
         """The time left in the round, as text: from the last round's pace of each layer still to come,
         where that round covered them; else the trials left at this layer's pace so far."""
-        names = list(self.pace)
-        if what in names:
+        if what in self.pace:
             trials, per = self.pace[what]
-            left = max(0, trials - self._round[what][0]) * per
-            left += sum(n * s for n, s in list(self.pace.values())[names.index(what) + 1:])
+            left = max(0, trials - self._round[what][0]) * per + self._after[what]
             return f"{plain_tqdm.format_interval(left)} left in the {'round' if self.unit == 'trial' else 'epoch'}"
         _, timed, seconds = self._round[what]
         if not timed:
@@ -120,4 +119,7 @@ class Progress:
             self.bar.close()
         if self._round:                             # this round's pace is the next round's estimate
             self.pace = {w: (n, t / k) for w, (n, k, t) in self._round.items() if k}
+            self._after, later = {}, 0.0
+            for w, (n, per) in reversed(self.pace.items()):
+                self._after[w], later = later, later + n * per
         self.bar, self.what, self._round, self._last = None, None, {}, None

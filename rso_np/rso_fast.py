@@ -578,14 +578,28 @@ class ChannelDelta:
     def _through_mix_staged(self, z):
         """Only a ReLU (or batch norm and a ReLU) between: applied while layer m's conv copies z (a itself
         is never made)."""
-        if isinstance(self.between[0], BatchNorm2d) and channels_last(z):
-            bn = self.between[0]
-            x = staged_bn_relu(z, *bn_scale_shift(z, bn.params["weight"], bn.params["bias"], bn.eps))
-        elif isinstance(self.between[0], BatchNorm2d):
+        if self._bn_relu_stageable(z):
+            return None, self._mix_of_bn_relu(z, ws=self.ws)
+        if isinstance(self.between[0], BatchNorm2d):
             x = staged_relu(forward_grouped(self.between[:1], z, 1, self.ws))
         else:
             x = staged_relu(z)
         return None, conv_block(self.layers, self.m, x, ws=self.ws)
+
+    def _bn_relu_stageable(self, z):
+        """Whether layers d+1..m are batch norm (the batch's statistics), ReLU and a conv, z channels-last."""
+        return (isinstance(self.mix, Conv2d) and [type(l) for l in self.between] == [BatchNorm2d, ReLU]
+                and self.between[0].training and channels_last(z))
+
+    def _mix_of_bn_relu(self, z, ws=None, without=None):
+        """Layer m's conv of relu(bn(z)) with z's batch statistics, batch norm and ReLU applied as the conv
+        copies z; channel ``without`` (if given) scaled and shifted to 0, so it adds nothing. ``ws``: the
+        trial's workspace, or None for an array of its own (one that is kept)."""
+        bn = self.between[0]
+        scale, shift = bn_scale_shift(z, bn.params["weight"], bn.params["bias"], bn.eps)
+        if without is not None:
+            scale[:, without], shift[:, without] = 0, 0
+        return conv_block(self.layers, self.m, staged_bn_relu(z, scale, shift), ws=ws)
 
     def _channel_change(self, zo, o, piece, dp, dm):
         """Channel o of layer d's output, zo (B, ...), for W + dW, W and W - dW through the per-channel
@@ -739,13 +753,8 @@ class KeptChannels(ChannelDelta):
         o = self.o
         z = conv_block(self.layers, self.d, staged_rows(self.stored, rows))   # gathered as the conv copies it
         zo = z[:, o].astype(np.float64)
-        if (isinstance(self.mix, Conv2d) and [type(l) for l in self.between] == [BatchNorm2d, ReLU]
-                and self.between[0].training and channels_last(z)):
-            # batch norm and ReLU applied as layer m's conv copies z, channel o scaled and shifted to 0
-            bn = self.between[0]
-            scale, shift = bn_scale_shift(z, bn.params["weight"], bn.params["bias"], bn.eps)
-            scale[:, o], shift[:, o] = 0, 0
-            return [zo, conv_block(self.layers, self.m, staged_bn_relu(z, scale, shift)), len(self.log)]
+        if self._bn_relu_stageable(z):
+            return [zo, self._mix_of_bn_relu(z, without=o), len(self.log)]
         a = forward_grouped(self.between, z, 1)            # arrays of its own (z is not needed after this)
         if a.ndim == 4:
             a[:, o] = 0
