@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared GPU check, sized for about 8 minutes on one card (each step has its own time limit).
-# Writes its logs and JSON results under $OUT (at most 8 files).
+# Writes 7 result files under $OUT (a caller that tees the output there makes 8, what a lent machine returns).
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh            # on a machine with CuPy and a CUDA device
 #   OUT=/tmp/x bash benchmarks/gpu_check.sh --dry-run        # anywhere: says what it would run, runs the CPU parts
@@ -39,7 +39,7 @@ if [ $DRY = 1 ] || ! $PY -c "from rso_np.backend import gpu_available as g; rais
   GPU=0
 else
   GPU=1
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/card.csv"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   $PY -c "import cupy, numpy, json; print(json.dumps({'cupy': cupy.__version__, 'numpy': numpy.__version__, 'cuda_runtime': cupy.cuda.runtime.runtimeGetVersion(), 'device': cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}))" | tee "$OUT/cupy.json"
 fi
 
