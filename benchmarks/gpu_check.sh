@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared GPU check, sized for about 8 minutes on one card (each step has its own time limit).
-# Writes 7 result files under $OUT (a caller that tees the output there makes 8, what a lent machine returns).
+# Writes 7 result files under $OUT (8 with its own output tee'd there as a log).
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh            # on a machine with CuPy and a CUDA device
 #   OUT=/tmp/x bash benchmarks/gpu_check.sh --dry-run        # anywhere: says what it would run, runs the CPU parts
