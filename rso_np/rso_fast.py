@@ -36,6 +36,11 @@ each a named step below:
    channel o of the conv's output is kept and brought up to date with the changes made since the chunk
    was last seen, and the next mixing layer's output without channel o is kept while o is. A trial then
    convolves neither layer d nor, beyond channel o, layer m (on the CPU).
+8. Per-chunk stored inputs (``FastRSO._store_chunks``). With the minibatch's batch-norm statistics
+   (nothing after a batch norm is a property of one image, see 1.) but chunked minibatches, a trial's
+   minibatch is always one of the pass's chunks, and the layers before d do not change during the pass:
+   so the input of layer d is stored for each chunk, computed on that chunk with its own statistics, and
+   the trials gather it as in 1. (and 2. and 7. apply as with a stored input).
 
 How the arrays are computed on the CPU (a few images at a time on every core, the minibatch gather, a
 ReLU and the candidates' y + dy done while a convolution copies its input, trial arrays kept between
@@ -81,6 +86,7 @@ KEPT = True         # with chunked minibatches, keep per chunk what one output c
 # bench_rso.py): 0.75 times (conv1 at minibatch 5000) was 37% slower than without keeping, 2.4 times (1000)
 # 3-5% faster, 4.8 times (2000) 12-20% faster, 12 times (5000) 1.1-2.8x faster.
 KEPT_VISITS = 2
+PER_CHUNK = True    # with the minibatch's batch-norm statistics and chunks, store the searched layer's input per chunk (8.)
 PER_CHANNEL = (ReLU, MaxPool2d, AvgPool2d, BatchNorm2d, GlobalAvgPool2d, Flatten)
 MIXING = (Conv2d, Dense)
 
@@ -235,6 +241,7 @@ class FastRSO(RSO):
         self.layers = self.model.layers
         self._points = self._storable()
         self._store = {}                 # layer index -> (weights before it when computed, its input)
+        self._chunk_acts = None          # 8. the input of the searched layer per chunk (this pass's)
 
     # ------------------------------------------------------------------- 1. stored inputs
     def _storable(self):
@@ -329,12 +336,47 @@ class FastRSO(RSO):
 
     def _prefix_getter(self, d):
         """A function rows -> input of layer d for a minibatch (B, ...): gathered from the stored input
-        of layer d, or computed on the minibatch from the deepest stored layer before it. Also the stored
-        input of layer d itself, or None."""
+        of layer d (for every image, or 8. for every chunk), or computed on the minibatch from the deepest
+        stored layer before it. Also the stored input of layer d itself, or None."""
         k, acts = self._store_inputs(d)
+        if k != d and self._per_chunk(d):
+            chunked = self._store_chunks(d, k, acts)
+            if chunked is not None:
+                return (lambda rows: chunked[rows]), chunked
         if k == d:
             return (lambda rows: acts[rows]), acts
         return (lambda rows: forward_grouped(self.layers[k:d], acts[rows])), None
+
+    # ------------------------------------------------------------------- 8. per-chunk stored inputs
+    def _per_chunk(self, d):
+        """Whether layer d's input is stored per chunk: batch norm with the minibatch's statistics before
+        it (so no input of layer d is a property of one image) and chunked minibatches. During d's pass
+        the layers before it do not change and a trial's minibatch is always one of the pass's chunks, so
+        what the literal engine computes for a trial, the layers before d on that chunk with the chunk's
+        own statistics, is the same every time the chunk comes back."""
+        return (PER_CHUNK and self.config.bn_statistics == "minibatch" and self.config.minibatches == "chunks"
+                and d > 0)
+
+    def _store_chunks(self, d, k, src):
+        """The input of layer d for every chunk of this pass's shuffle, each computed from ``src`` (the
+        stored input of layer k < d) on the chunk alone, written at the chunk's rows: then ``acts[rows]``
+        is the chunk's input, its batch statistics its own. Images in no chunk (the remainder of the
+        shuffle) get zeros. None where it does not fit in ``cache_bytes``."""
+        B, x, xp = self.config.batch_size, self.x, self.xp
+        probe = self.model.forward(x[:1], check=False, stop=d)
+        shape = (x.shape[0],) + probe.shape[1:]
+        used = sum(a.nbytes for _, a in self._store.values())
+        if used + x.shape[0] * probe[0].size * probe.dtype.itemsize > self.cache_bytes:
+            return None
+        acts = self._chunk_acts
+        if acts is None or acts.shape != shape or acts.dtype != probe.dtype:
+            acts = self._chunk_acts = _empty_like_activation(xp, shape, probe.dtype)
+        perm, n = xp.asarray(self._perm), x.shape[0] // B
+        for c in range(n):
+            rows = perm[c * B:(c + 1) * B]
+            acts[rows] = forward_grouped(self.layers[k:d], src[rows])
+        acts[perm[n * B:]] = 0
+        return acts
 
     # ------------------------------------------------------------------- 6. one layer, decided on the device
     def search_unit(self, unit, sigma, count=None):

@@ -86,8 +86,10 @@ def compare(xp, build, size, rounds=1, batch=16, n=300, monkeypatch=None, **cfg)
     (lambda: paper_mnist(batch_norm=True, channels=4), 14, {"bn_statistics": "frozen-before",
                                                            "layer_order": "first-to-last"}),
     (lambda: paper_mnist(channels=4), 14, {"minibatches": "chunks", "sigma_from": "he"}),
+    (lambda: paper_mnist(batch_norm=True, channels=4, bn_eps=1e-3), 14,
+     dict(AUTHORS, bn_statistics="minibatch", bn_reference_images=100)),
 ], ids=["small", "paper", "paper_bn_wd", "paper_bn_ablation", "paper_bn_authors", "paper_bn_frozen_first_to_last",
-        "paper_chunks"])
+        "paper_chunks", "paper_bn_minibatch_chunks"])
 def test_fast_matches_literal(xp, monkeypatch, build, size, cfg):
     compare(xp, build, size, monkeypatch=monkeypatch, **cfg)
 
@@ -115,6 +117,32 @@ def test_kept_channels_match_literal(monkeypatch):
                         monkeypatch=monkeypatch, **dict(AUTHORS, bn_reference_images=100))
     assert used["first"] > 100 and used["updated"] > 100, used
     assert used["first"] + used["updated"] < trials
+
+
+def test_per_chunk_inputs_match_literal(monkeypatch):
+    """Shortcut 8 (per-chunk stored inputs) is what feeds every pass after the first batch norm with the
+    minibatch's statistics and chunks, and the trials make the literal engine's decisions; with
+    independent draws it is never used."""
+    stored = []
+    real = FastRSO._store_chunks
+
+    def counted(self, d, k, src):
+        out = real(self, d, k, src)
+        stored.append((self.layers[d].__class__.__name__, out is not None))
+        return out
+
+    monkeypatch.setattr(FastRSO, "_store_chunks", counted)
+    cfg = dict(AUTHORS, bn_statistics="minibatch", bn_reference_images=100, weight_decay=0.0)
+    compare(np, lambda: paper_mnist(batch_norm=True, channels=4, bn_eps=1e-3), 14, monkeypatch=monkeypatch, **cfg)
+    kinds = {name for name, used in stored if used}
+    assert {"Dense", "Conv2d", "BatchNorm2d"} <= kinds and all(used for _, used in stored), stored
+    stored.clear()
+    x, y = data(np, 320, 14)
+    eng = FastRSO(paper_mnist(batch_norm=True, channels=4), x, y,
+                  RSOConfig(batch_size=32, **dict(cfg, minibatches="draw")), np.random.default_rng(0))
+    unit = next(u for u in eng.units if u.name == "conv3.weight")
+    eng.start_pass(unit)
+    assert type(eng._trial_fn(unit)).__name__ == "ChannelDelta" and stored == []
 
 
 def test_kept_channels_only_where_chunks_come_back(monkeypatch):
