@@ -1,6 +1,6 @@
 """A shortcut of the fast engine against the same engine without it, by minibatch, in one run.
 
-    python benchmarks/bench_shortcut.py [--shortcut KEPT|STAGED_BN] [--batch-sizes 1000,2000,5000]
+    python benchmarks/bench_shortcut.py [--shortcut KEPT|STAGED_BN|PER_CHUNK] [--batch-sizes 1000,2000,5000]
                                         [--layers conv2.weight,conv3.weight] [--repeats 2] [--data-dir DIR]
                                         [--out FILE]
 
@@ -16,6 +16,12 @@ of the repeats, and their ratio.
   from (the JSON gives the visits per chunk).
 - ``STAGED_BN``: the candidates' batch norm after the mixing layer from y and dy, block by block, with
   the 3B batch never made (``ChannelDelta._rest_staged_bn``), against making it.
+- ``PER_CHUNK``: 8. per-chunk stored inputs, on the authors' search with the minibatch's batch-norm
+  statistics in place of frozen ones (``bn_statistics="minibatch"``, the ablation), against computing
+  the layers before the searched one on every trial's chunk. Without it a trial costs up to a full
+  forward pass: give few ``--layers`` and small ``--batch-sizes``. The per-chunk store (one forward pass
+  over the training set up to the layer) is made inside each timed call, where a run makes it once per
+  layer pass, so the figure with it errs on the slow side.
 """
 
 import argparse
@@ -49,7 +55,7 @@ def time_layer(eng, unit, flag, on, trials):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shortcut", choices=("KEPT", "STAGED_BN"), default="KEPT",
+    ap.add_argument("--shortcut", choices=("KEPT", "STAGED_BN", "PER_CHUNK"), default="KEPT",
                     help="the switch in rso_fast of the shortcut to time (default: KEPT, kept channels)")
     ap.add_argument("--batch-sizes", default="1000,2000,5000")
     ap.add_argument("--layers", default="conv2.weight,conv3.weight")
@@ -64,7 +70,8 @@ def main(argv=None):
     for B in (int(b) for b in args.batch_sizes.split(",")):
         model = build_model("paper_mnist_bn", seed=0, bn_eps=1e-3)
         model.train()
-        eng = FastRSO(model, x, y, RSOConfig(batch_size=B, **AUTHORS), np.random.default_rng(0), rounds=1)
+        search = dict(AUTHORS, bn_statistics="minibatch") if args.shortcut == "PER_CHUNK" else AUTHORS
+        eng = FastRSO(model, x, y, RSOConfig(batch_size=B, **search), np.random.default_rng(0), rounds=1)
         with parallel_cpu():
             for name in args.layers.split(","):
                 unit = next(u for u in eng.units if u.name == name)
