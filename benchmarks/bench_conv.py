@@ -68,7 +68,7 @@ def main(argv=None):
             r.update({"torch_conv2d_s": tt, "torch_gflops": flops / tt / 1e9, "torch_vs_conv2d": t / tt})
         if args.device == "cpu":
             with FK.parallel_cpu():
-                tp = best_time(lambda: FK.conv2d(x, Wl, padding=1), xp, args.repeat)
+                tp = best_time(lambda: FK.conv2d(x, Wl, padding=1), xp, repeat)
             r.update({"threads": FK.cpu_threads(), "parallel_cpu_s": tp, "parallel_cpu_gflops": flops / tp / 1e9,
                       "parallel_cpu_speedup": t / tp})
         res[name] = r

@@ -300,7 +300,7 @@ class FastRSO(RSO):
         """{layer k: an empty array for its input on every training image} for the layers of ``points``
         (deepest first) that fit in ``cache_bytes``, reusing the arrays of ``spare`` of the right shape."""
         x = self.x
-        want, used = {}, sum(a.nbytes for _, a in self._store.values())
+        want, used = {}, self._stored_bytes()
         for k in points:
             probe = self.model.forward(x[:1], check=False, stop=k)
             need = x.shape[0] * probe.size * probe.dtype.itemsize
@@ -310,6 +310,10 @@ class FastRSO(RSO):
                 want[k] = spare.pop(same) if same is not None else _empty_like_activation(self.xp, shape, probe.dtype)
                 used += need
         return want
+
+    def _stored_bytes(self):
+        """The bytes of the inputs stored for every image (what ``cache_bytes`` bounds)."""
+        return sum(a.nbytes for _, a in self._store.values())
 
     def _store_pass(self, src, k0, want):
         """One forward pass from the input ``src`` of layer k0 over the training set, a chunk of images at
@@ -365,11 +369,11 @@ class FastRSO(RSO):
         B, x, xp = self.config.batch_size, self.x, self.xp
         probe = self.model.forward(x[:1], check=False, stop=d)
         shape = (x.shape[0],) + probe.shape[1:]
-        used = sum(a.nbytes for _, a in self._store.values())
-        if used + x.shape[0] * probe[0].size * probe.dtype.itemsize > self.cache_bytes:
+        if self._stored_bytes() + x.shape[0] * probe[0].size * probe.dtype.itemsize > self.cache_bytes:
             return None
         acts = self._chunk_acts
         if acts is None or acts.shape != shape or acts.dtype != probe.dtype:
+            self._chunk_acts = acts = None                 # the last pass's array goes before the new one comes
             acts = self._chunk_acts = _empty_like_activation(xp, shape, probe.dtype)
         perm, n = xp.asarray(self._perm), x.shape[0] // B
         for c in range(n):

@@ -11,9 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py"))
 
 
-def run(args, **kw):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, **kw)
+def run(args, **env):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="Agg", **env)
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -24,8 +24,7 @@ def test_benchmark_help(script):
 
 
 def test_gpu_check_dry_run(tmp_path):
-    out = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120, env=dict(os.environ, OUT=str(tmp_path)))
+    out = run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], OUT=str(tmp_path))
     assert out.returncode == 0, out.stderr
     for step in ("tests:", "paper:", "conv:", "bench:", "train:", "parity:", "done:"):
         assert f"=== {step}" in out.stdout, (step, out.stdout)
