@@ -13,7 +13,9 @@ The time left in the round: a trial of one layer can take a hundred times as lon
 (at minibatch 5000, 2 ms for the dense layer, about 0.5 s for conv2), so the count of trials left times
 the current rate says little. Once a round has been seen, each layer's seconds per trial in it give the
 estimate for the next round ("left in the round"); before that, the trials left at the current layer's
-pace ("left at this pace").
+pace ("left at this pace"). The time between a layer's first trial and the last one of the layer before
+holds more than a trial (the evaluation after that pass, the store pass of the new layer's inputs): it
+counts as the new layer's setup, part of the next round's estimate but not of the layer's pace.
 """
 
 import sys
@@ -65,20 +67,25 @@ class Progress:
         self.interactive = _interactive(self.stream)
         self.bar, self.what = None, None
         self.pace = {}          # the last round seen: layer -> (trials, seconds per trial), in its order
+        self.setup = {}         # the last round seen: layer -> seconds before its first trial beyond a trial
         self._after = {}        # the last round seen: layer -> seconds of the layers after it
-        self._round = {}        # this round so far: layer -> [trials, trials timed, their seconds]
+        self._round = {}        # this round so far: layer -> [trials, trials timed, their seconds, setup]
         self._last = None       # (done, time) at the previous call
 
     def __call__(self, done, total, what):
         now = tqdm.std.time()
         if self.bar is None or done <= self.bar.n or total != self.bar.total:    # a new round (or resumed)
             self._open(total, what, done - 1)
-        elif what != self.what:
+        new_layer = what != self.what
+        if new_layer:
             self.what = what
             self.bar.set_description_str(what, refresh=False)
-        seen = self._round.setdefault(what, [0, 0, 0.0])
+        seen = self._round.setdefault(what, [0, 0, 0.0, 0.0])
         if self._last is None:                      # the round's first trial here: counted, not timed
             seen[0] += 1
+        elif new_layer:                             # a layer's first trial: its setup, counted, not timed
+            seen[0] += done - self._last[0]
+            seen[3] += now - self._last[1]
         else:                                       # the trials since the last call, and their time
             seen[0] += done - self._last[0]
             seen[1] += done - self._last[0]
@@ -96,10 +103,11 @@ class Progress:
             trials, per = self.pace[what]
             left = max(0, trials - self._round[what][0]) * per + self._after[what]
             return f"{plain_tqdm.format_interval(left)} left in the {'round' if self.unit == 'trial' else 'epoch'}"
-        _, timed, seconds = self._round[what]
-        if not timed:
+        _, timed, seconds, _ = self._round[what]
+        if done < total and not timed:
             return "? left"
-        return f"{plain_tqdm.format_interval((total - done) * seconds / timed)} left at this pace"
+        left = (total - done) * seconds / timed if done < total else 0
+        return f"{plain_tqdm.format_interval(left)} left at this pace"
 
     def _open(self, total, what, initial=0):
         """A bar for a round of ``total``; ``initial``: trials already done (a resumed round), which the
@@ -118,8 +126,10 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
         if self._round:                             # this round's pace is the next round's estimate
-            self.pace = {w: (n, t / k) for w, (n, k, t) in self._round.items() if k}
+            self.pace = {w: (n, t / k if k else 0.0) for w, (n, k, t, _) in self._round.items()}
+            # the setup: the time before the first trial, less that trial at the layer's pace
+            self.setup = {w: max(0.0, g - self.pace[w][1]) if g else 0.0 for w, (_, _, _, g) in self._round.items()}
             self._after, later = {}, 0.0
             for w, (n, per) in reversed(self.pace.items()):
-                self._after[w], later = later, later + n * per
+                self._after[w], later = later, later + n * per + self.setup[w]
         self.bar, self.what, self._round, self._last = None, None, {}, None

@@ -244,6 +244,34 @@ def test_progress_lines_in_a_log(monkeypatch):
                      "  10/10 trials (100%), conv1.weight, 19.89s/trial, 00:00 left at this pace"], buf.getvalue()
 
 
+def test_progress_setup_before_a_layer_is_not_its_pace(monkeypatch):
+    """The time before a layer's first trial (the evaluation after the last pass, the new layer's store
+    pass) is not that layer's pace: its first trial is counted but not timed, and the next round's
+    estimate adds the setup once."""
+    import io
+
+    import tqdm.std
+    from rso_np.progress import Progress
+    now = [0.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: now[0])
+    buf = io.StringIO()
+    bar = Progress(stream=buf, log_every=0)
+    steps = [(0, 1, "fc"), (1, 2, "fc"), (601, 3, "bn"), (602, 4, "bn"), (603, 5, "bn")]   # 600 s of setup
+    for t, done, what in steps:
+        now[0] = t
+        bar(done, 10, what)
+    first = [line.split(", ")[-1] for line in buf.getvalue().splitlines()]
+    assert first[-3:] == ["? left", "00:06 left at this pace", "00:05 left at this pace"], first
+    bar.close()
+    assert bar.pace == {"fc": (2, 1.0), "bn": (3, 1.0)}
+    assert bar.setup == {"fc": 0.0, "bn": 599.0}
+    buf.truncate(0)
+    buf.seek(0)
+    now[0] = 1000
+    bar(1, 10, "fc")                                       # next round: fc's 1 s, then bn's setup and 3 s
+    assert buf.getvalue().splitlines()[-1].split(", ")[-1] == "10:03 left in the round", buf.getvalue()
+
+
 def test_progress_time_left_by_layer(monkeypatch):
     """In a round after one seen whole, the time left is each layer's pace in that round times its trials
     still to come (a slow layer ahead counts as slow); in the first round, the current layer's pace."""
@@ -261,8 +289,9 @@ def test_progress_time_left_by_layer(monkeypatch):
         bar(done, 6, what)
     first = [line.split(", ")[-1] for line in buf.getvalue().splitlines()]
     assert first[-6:] == ["? left", "00:04 left at this pace", "00:03 left at this pace", "00:02 left at this pace",
-                         "00:10 left at this pace", "00:00 left at this pace"], first
+                         "? left", "00:00 left at this pace"], first
     assert bar.pace == {"fc": (4, 1.0), "conv": (2, 10.0)}
+    assert bar.setup == {"fc": 0.0, "conv": 0.0}
     buf.truncate(0)
     buf.seek(0)
     for t, done, what in steps[:3]:                        # round 2: the slow layer is still to come
