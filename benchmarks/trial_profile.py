@@ -1,7 +1,7 @@
 """The trials of one layer of the authors' search, for a profiler to attach to, with their cost per trial.
 
     python benchmarks/trial_profile.py [--layer conv2.weight] [--batch-size 2000] [--images 20000]
-                                       [--trials 124] [--data-dir DIR]
+                                       [--trials 124] [--steps] [--data-dir DIR]
     perf record -F 499 -p PID -- sleep 20        # in another shell, once it prints "timing ... (pid PID)"
 
 Builds the fast engine on ``paper_mnist_bn`` with ``rso.AUTHORS`` (batch-norm epsilon 1e-3) on the first
@@ -10,9 +10,17 @@ and prints one JSON object per trial averages: seconds, user and system CPU seco
 minor page faults (a fresh array that is written costs the kernel a fault and a cleared page: system time
 that shows where a trial allocates instead of reusing). Not a comparison: use ``bench_rso.py`` and
 ``bench_shortcut.py`` for ratios.
+
+``--steps`` also times the steps of the timed trials: the trial's methods (``ChannelDelta`` and
+``KeptChannels``), every convolution (by its shape), the batch-norm kernels, the staged fills, the patch
+copies (im2col) and the ReLUs of ``fast_kernels``. It prints milliseconds per trial and calls per trial for
+each, inclusive (a step's time holds the steps it calls), sorted by time. The timers cost a little
+themselves (a few microseconds per call), so the sum is a little above the trials' own time.
 """
 
 import argparse
+import collections
+import functools
 import json
 import os
 import resource
@@ -21,6 +29,8 @@ import time
 
 import numpy as np
 
+from rso_np import fast_kernels as FK
+from rso_np import rso_fast as RF
 from rso_np.fast_kernels import parallel_cpu
 from rso_np.models import build_model
 from rso_np.rso import AUTHORS, RSOConfig
@@ -30,12 +40,70 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_rso import training_images  # noqa: E402
 
 
+TRIAL_STEPS = ("_kept", "_first_visit", "_output", "_output_staged", "_output_conv_weight", "_output_bn",
+               "_through_mix", "_through_mix_staged", "_channel_change", "_dy", "_rest", "_rest_staged",
+               "_rest_staged_bn", "_rest_unmixed")
+KERNELS = ("bn_scale_shift", "candidates_bn_scale_shift", "bn_global_avg", "batch_norm", "conv_global_avg")
+
+
+class StepTimer:
+    """Seconds and calls per step name, from wrappers put around the engine's functions (``install``)."""
+
+    def __init__(self):
+        self.seconds, self.calls = collections.defaultdict(float), collections.Counter()
+
+    def wrap(self, name, f):
+        @functools.wraps(f)
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - t
+                self.calls[name] += 1
+        return timed
+
+    def install(self):
+        """Wrap the trial's methods and the kernels of ``fast_kernels``, where ``rso_fast`` and
+        ``fast_kernels`` look them up (for this process only)."""
+        for cls in (RF.ChannelDelta, RF.KeptChannels):
+            for name in TRIAL_STEPS:
+                if name in vars(cls):
+                    setattr(cls, name, self.wrap(name, vars(cls)[name]))
+        for name in KERNELS:
+            f = self.wrap(name, getattr(FK, name))
+            setattr(FK, name, f)
+            if hasattr(RF, name):
+                setattr(RF, name, f)
+        conv = FK.conv2d
+
+        def conv2d(x, W, *args, **kwargs):
+            N, C, H, Wd = x.shape
+            label = f"conv2d {N} x {C} x {H}x{Wd} by {W.shape[0]} x {W.shape[2]}x{W.shape[3]}"
+            return self.wrap(label, conv)(x, W, *args, **kwargs)
+        FK.conv2d = RF.conv2d = conv2d
+        for name in ("_by_row", "_by_tap"):               # the patch matrix's copy, per block
+            make = getattr(FK, name)
+            setattr(FK, name, lambda *a, make=make, name=name: self.wrap(f"im2col {name}", make(*a)))
+        FK._relu = self.wrap("_relu", FK._relu)
+        init = FK.Staged.__init__
+
+        def staged_init(st, fill, shape, dtype):          # each staged fill, by the function that made it
+            init(st, self.wrap("fill " + fill.__qualname__.split(".")[0], fill), shape, dtype)
+        FK.Staged.__init__ = staged_init
+
+    def report(self, trials):
+        return {name: {"ms_per_trial": round(1000 * s / trials, 2), "calls_per_trial": round(self.calls[name] / trials, 2)}
+                for name, s in sorted(self.seconds.items(), key=lambda kv: -kv[1])}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layer", default="conv2.weight")
     ap.add_argument("--batch-size", type=int, default=2000)
     ap.add_argument("--images", type=int, default=20000, help="training images used (default: 20000)")
     ap.add_argument("--trials", type=int, default=124)
+    ap.add_argument("--steps", action="store_true", help="also time the steps of the timed trials (see above)")
     ap.add_argument("--data-dir", help="folder with the MNIST .gz files (default: $RSO_NP_DATA/mnist)")
     args = ap.parse_args(argv)
     x, y, source = training_images(args.data_dir)
@@ -53,6 +121,9 @@ def main(argv=None):
     with parallel_cpu():
         eng.start_pass(unit)
         eng.search_unit(unit, unit.sigma, count=20)
+        steps = StepTimer() if args.steps else None
+        if steps:
+            steps.install()
         print(f"timing {args.trials} trials of {args.layer} (pid {os.getpid()})", file=sys.stderr, flush=True)
         r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         eng.search_unit(unit, unit.sigma, count=args.trials)
@@ -61,7 +132,8 @@ def main(argv=None):
     print(json.dumps({"layer": args.layer, "batch_size": args.batch_size, "images": source, "trials": n,
                       "s_per_trial": wall / n, "user_s_per_trial": (r1.ru_utime - r0.ru_utime) / n,
                       "system_s_per_trial": (r1.ru_stime - r0.ru_stime) / n,
-                      "minor_faults_per_trial": (r1.ru_minflt - r0.ru_minflt) / n}, indent=1))
+                      "minor_faults_per_trial": (r1.ru_minflt - r0.ru_minflt) / n,
+                      **({"steps": steps.report(n)} if steps else {})}, indent=1))
 
 
 if __name__ == "__main__":

@@ -29,3 +29,19 @@ def test_gpu_check_dry_run(tmp_path):
     for step in ("tests:", "paper:", "conv:", "bench:", "train:", "parity:", "done:"):
         assert f"=== {step}" in out.stdout, (step, out.stdout)
     assert "skipped: no GPU" in out.stdout
+
+
+def test_trial_profile_steps():
+    """trial_profile --steps times the trial's steps: the kept channels' and the channel delta's methods,
+    the convolutions by shape, the staged fills; each with calls per trial."""
+    import json
+    out = run([sys.executable, "benchmarks/trial_profile.py", "--images", "600", "--batch-size", "100",
+               "--trials", "6", "--steps"])
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    steps = res["steps"]
+    assert steps["_kept"]["calls_per_trial"] == 1.0 and steps["_rest_staged_bn"]["calls_per_trial"] == 1.0
+    assert any(k.startswith("conv2d 300 x 16 x 7x7") for k in steps), sorted(steps)
+    assert any(k.startswith("fill staged_candidates") for k in steps), sorted(steps)
+    assert all(v["ms_per_trial"] >= 0 for v in steps.values())
+    assert steps["_rest_staged_bn"]["ms_per_trial"] <= 1000 * res["s_per_trial"] * 1.5
