@@ -11,6 +11,10 @@ images, as the RSO engines run), with the ratios.
 The shape ``candidates_5000`` is what a trial of the authors' search at minibatch 5000 convolves after the
 searched layer: the two changed candidates, 10,000 images of 16 channels at 28x28. ``--torch`` also times
 PyTorch's ``conv2d`` on the same arrays and device (oneDNN on the CPU, cuDNN on a GPU), where installed.
+
+On the CPU, ``products`` times the matrix product of one block alone, as ``fast_kernels.conv2d`` makes it
+(a block's patch matrix, about 1 MB, times the (K, 16) weight matrix, BLAS on one thread), at the shapes a
+trial of the authors' search convolves: what the products of a trial could reach without the copies.
 """
 
 import argparse
@@ -72,7 +76,23 @@ def main(argv=None):
             r.update({"threads": FK.cpu_threads(), "parallel_cpu_s": tp, "parallel_cpu_gflops": flops / tp / 1e9,
                       "parallel_cpu_speedup": t / tp})
         res[name] = r
+    if args.device == "cpu":
+        res["products"] = block_products(rng, args.repeat)
     print(json.dumps(res, indent=1))
+
+
+def block_products(rng, repeat):
+    """GFLOP/s of one block's product (patch rows x K) @ (K x 16), float32, BLAS on one thread."""
+    out = {}
+    for name, (images, pixels, K) in {"conv5_3x3_7x7": (37, 49, 144), "conv4_pool_4x4_stride2": (20, 49, 256),
+                                      "conv3_3x3_14x14": (9, 196, 144)}.items():
+        A = rng.standard_normal((images * pixels, K)).astype(np.float32)
+        Wm = rng.standard_normal((K, 16)).astype(np.float32)
+        o = np.empty((A.shape[0], 16), dtype=np.float32)
+        with FK.parallel_cpu():                            # sets BLAS to one thread (several cores here)
+            t = best_time(lambda: [np.matmul(A, Wm, out=o) for _ in range(100)], np, repeat) / 100
+        out[name] = {"rows": A.shape[0], "K": K, "s": t, "gflops": 2 * A.shape[0] * K * 16 / t / 1e9}
+    return out
 
 
 def torch_conv(xp):
