@@ -183,6 +183,33 @@ def test_batch_norm_passes_gather_their_stored_input():
     assert np.abs(trial.get_h(rows) - eng.model.forward(x[rows], check=False, stop=bn)).max() < 1e-5
 
 
+def test_batch_norm_store_is_dropped_after_its_passes():
+    """A batch norm's own stored input serves its two passes and no more: the next round's first pass
+    drops it, so that the searched convs' inputs fit in ``cache_bytes`` as in the first round (kept, bn1's
+    input stays valid until conv1's next pass and pushed conv2's input out, its trials computing conv1 on
+    every minibatch)."""
+    x, y = data(np, 320, 14)
+    eng = FastRSO(paper_mnist(batch_norm=True, channels=4), x, y,
+                  RSOConfig(batch_size=32, **dict(AUTHORS, bn_reference_images=100)), np.random.default_rng(0))
+    names = [n for n, _ in eng.model.named_layers()]
+    bn1, conv2 = names.index("bn1"), names.index("conv2")
+    units = {u.name: u for u in eng.units}
+
+    def store_for(name):
+        eng.start_pass(units[name])
+        return eng._trial_fn(units[name])
+    store_for("fc.weight")
+    need = eng._stored_bytes()                       # the inputs of the searched convs and the dense layer
+    eng.cache_bytes = need + need // 4               # room for them, not for bn1's own input besides
+    eng.model.layers[names.index("conv1")].params["weight"] *= 1.01   # as conv1's pass changes it
+    trial = store_for("bn1.bias")                    # round 1's last passes: bn1's input stored for them
+    assert trial.stored is eng._store[bn1][1]
+    store_for("fc.weight")                           # round 2's first pass
+    assert bn1 not in eng._store and conv2 in eng._store
+    assert type(store_for("conv2.weight")).__name__ == "KeptChannels"
+    assert store_for("conv2.weight").stored is eng._store[conv2][1]
+
+
 def test_fast_matches_literal_small_blocks(monkeypatch):
     """Blocks of a few images, so that every convolution is split between threads (as at full size)."""
     monkeypatch.setattr(fast_kernels, "CONV_BLOCK_BYTES", 16 << 10)
