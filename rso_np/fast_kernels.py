@@ -255,7 +255,9 @@ def staged_candidates(y, dy, relu, bn=None):
 
 
 class Workspace:
-    """Arrays kept from one trial to the next, by name (the trials of a layer have the same shapes).
+    """Arrays kept from one trial to the next, by name, shape and dtype (the trials of a layer pass have
+    the same few shapes; one name may serve two, such as layer m's convolution of one channel for the
+    minibatch and for the two candidates).
 
     On the CPU a new large array is paid for again in page faults when it is first written, a good part
     of a trial's time; reusing them avoids it. ``None`` in place of a workspace: fresh arrays."""
@@ -264,9 +266,10 @@ class Workspace:
         self.arrays = {}
 
     def get(self, key, shape, dtype, zero=False):
-        a = self.arrays.get(key)
-        if a is None or a.shape != tuple(shape) or a.dtype != np.dtype(dtype):
-            a = self.arrays[key] = (np.zeros if zero else np.empty)(shape, dtype=dtype)
+        k = (key, tuple(shape), np.dtype(dtype).str)
+        a = self.arrays.get(k)
+        if a is None:
+            a = self.arrays[k] = (np.zeros if zero else np.empty)(shape, dtype=dtype)
         return a
 
 

@@ -105,15 +105,18 @@ def test_conv2d_staged_out_bias_relu(monkeypatch):
 
 
 def test_workspace_keeps_arrays():
-    """A workspace hands back the same array for the same name, shape and dtype, a new one otherwise;
-    conv2d writes into it."""
+    """A workspace hands back the same array for the same name, shape and dtype, a new one otherwise,
+    and keeps both when one name alternates between two shapes (as the channel delta's convolution of
+    one channel does, for the minibatch and for the candidates); conv2d writes into it."""
     ws = FK.Workspace()
     a = ws.get("k", (2, 3), np.float32)
-    assert ws.get("k", (2, 3), np.float32) is a and ws.get("k", (3, 2), np.float32) is not a
+    b = ws.get("k", (3, 2), np.float32)
+    assert ws.get("k", (2, 3), np.float32) is a and b is not a and ws.get("k", (3, 2), np.float32) is b
+    assert ws.get("k", (2, 3), np.float64) is not a
     x = np.random.default_rng(0).standard_normal((2, 1, 5, 5)).astype(np.float32)
     W = np.ones((2, 1, 3, 3), np.float32)
     y = FK.conv2d(x, W, ws=ws, key="conv")
-    assert np.shares_memory(y, ws.arrays["conv"]) and np.abs(y - F.conv2d(x, W)).max() < 1e-5
+    assert np.shares_memory(y, ws.arrays["conv", (2, 3, 3, 2), "<f4"]) and np.abs(y - F.conv2d(x, W)).max() < 1e-5
 
 
 @pytest.mark.parametrize("bad,match", BAD_CONV_INPUTS)
