@@ -13,9 +13,10 @@ that shows where a trial allocates instead of reusing). Not a comparison: use ``
 
 ``--steps`` also times the steps of the timed trials: the trial's methods (``ChannelDelta`` and
 ``KeptChannels``), every convolution (by its shape), the batch-norm kernels, the staged fills, the patch
-copies (im2col) and the ReLUs of ``fast_kernels``. It prints milliseconds per trial and calls per trial for
-each, inclusive (a step's time holds the steps it calls), sorted by time. The timers cost a little
-themselves (a few microseconds per call), so the sum is a little above the trials' own time.
+copies (im2col) and the ReLUs of ``fast_kernels``. It prints milliseconds, calls and minor page faults (the
+process's, all threads) per trial for each, inclusive (a step's figures hold the steps it calls), sorted by
+time. The timers cost a little themselves (a few microseconds per call), so the sum is a little above the
+trials' own time.
 """
 
 import argparse
@@ -50,16 +51,17 @@ class StepTimer:
     """Seconds and calls per step name, from wrappers put around the engine's functions (``install``)."""
 
     def __init__(self):
-        self.seconds, self.calls = collections.defaultdict(float), collections.Counter()
+        self.seconds, self.calls, self.faults = collections.defaultdict(float), collections.Counter(), collections.Counter()
 
     def wrap(self, name, f):
         @functools.wraps(f)
         def timed(*args, **kwargs):
-            t = time.perf_counter()
+            t, m = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             try:
                 return f(*args, **kwargs)
             finally:
                 self.seconds[name] += time.perf_counter() - t
+                self.faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - m
                 self.calls[name] += 1
         return timed
 
@@ -93,7 +95,8 @@ class StepTimer:
         FK.Staged.__init__ = staged_init
 
     def report(self, trials):
-        return {name: {"ms_per_trial": round(1000 * s / trials, 2), "calls_per_trial": round(self.calls[name] / trials, 2)}
+        return {name: {"ms_per_trial": round(1000 * s / trials, 2), "calls_per_trial": round(self.calls[name] / trials, 2),
+                       "minor_faults_per_trial": round(self.faults[name] / trials, 1)}
                 for name, s in sorted(self.seconds.items(), key=lambda kv: -kv[1])}
 
 

@@ -646,15 +646,17 @@ class ChannelDelta:
         return (isinstance(self.mix, Conv2d) and [type(l) for l in self.between] == [BatchNorm2d, ReLU]
                 and self.between[0].training and channels_last(z))
 
-    def _mix_of_bn_relu(self, z, ws=None, without=None):
+    def _mix_of_bn_relu(self, z, ws=None, without=None, out=None):
         """Layer m's conv of relu(bn(z)) with z's batch statistics, batch norm and ReLU applied as the conv
         copies z; channel ``without`` (if given) scaled and shifted to 0, so it adds nothing. ``ws``: the
-        trial's workspace, or None for an array of its own (one that is kept)."""
+        trial's workspace, or None for an array of its own (one that is kept); ``out``: the NCHW view of
+        an (N, OH, OW, C) array to write it into instead (one that was kept before)."""
         bn = self.between[0]
         scale, shift = bn_scale_shift(z, bn.params["weight"], bn.params["bias"], bn.eps)
         if without is not None:
             scale[:, without], shift[:, without] = 0, 0
-        return conv_block(self.layers, self.m, staged_bn_relu(z, scale, shift), ws=ws)
+        into = None if out is None else out.transpose(0, 2, 3, 1)
+        return conv_block(self.layers, self.m, staged_bn_relu(z, scale, shift), ws=ws, out=into)
 
     def _channel_change(self, zo, o, piece, dp, dm):
         """Channel o of layer d's output, zo (B, ...), for W + dW, W and W - dW through the per-channel
@@ -746,6 +748,7 @@ class KeptChannels(ChannelDelta):
         super().__init__(engine, unit, m, get_h, stored)
         self.W = unit.array                                # (C_out, C_in, KH, KW), changed by the search
         self.o, self.kept, self.log, self.logged = None, {}, [], None
+        self.spare = []                                    # the last output channel's kept arrays, for reuse
 
     def __call__(self, j, rows, w0, wp, wm):
         o, c, _, _ = np.unravel_index(j, self.shape)
@@ -765,6 +768,7 @@ class KeptChannels(ChannelDelta):
         decision of the last trial and this trial's weight decay); a new o drops everything kept."""
         w = self.W[o].reshape(-1)
         if o != self.o:
+            self.spare = [entry[:2] for entry in self.kept.values()]     # written over, not faulted in anew
             self.o, self.kept, self.log = o, {}, []
         else:
             changed = np.flatnonzero(w != self.logged)
@@ -804,12 +808,18 @@ class KeptChannels(ChannelDelta):
         return total
 
     def _first_visit(self, rows):
-        """[z_o (float64), y_rest, log position] of a chunk, from its stored input and the weights now."""
+        """[z_o (float64), y_rest, log position] of a chunk, from its stored input and the weights now; z
+        in the workspace, z_o and y_rest in the arrays the last output channel kept, where there are."""
         o = self.o
-        z = conv_block(self.layers, self.d, staged_rows(self.stored, rows))   # gathered as the conv copies it
-        zo = z[:, o].astype(np.float64)
+        z = conv_block(self.layers, self.d, staged_rows(self.stored, rows), ws=self.ws)  # gathered as it copies
+        old_zo, old_rest = self.spare.pop() if self.spare else (None, None)
+        if old_zo is None:
+            zo = z[:, o].astype(np.float64)
+        else:
+            zo = old_zo
+            np.copyto(zo, z[:, o])
         if self._bn_relu_stageable(z):
-            return [zo, self._mix_of_bn_relu(z, without=o), len(self.log)]
+            return [zo, self._mix_of_bn_relu(z, without=o, out=old_rest), len(self.log)]
         a = forward_grouped(self.between, z, 1)            # arrays of its own (z is not needed after this)
         if a.ndim == 4:
             a[:, o] = 0

@@ -96,13 +96,14 @@ def test_fast_matches_literal(xp, monkeypatch, build, size, cfg):
 
 def test_kept_channels_match_literal(monkeypatch):
     """Shortcut 7 (kept channels) is what runs the conv weights of the authors' search, both on a chunk's
-    first visit for an output channel and on the later visits that bring its kept channel up to date;
-    and it makes the literal engine's decisions."""
-    used = {"first": 0, "updated": 0}
+    first visit for an output channel (into the arrays the last channel kept, once there was one) and on
+    the later visits that bring its kept channel up to date; and it makes the literal engine's decisions."""
+    used = {"first": 0, "updated": 0, "reused": 0}
     first, pending = rso_fast.KeptChannels._first_visit, rso_fast.KeptChannels._pending
 
     def counted_first(self, rows):
         used["first"] += 1
+        used["reused"] += bool(self.spare)
         return first(self, rows)
 
     def counted_pending(self, seen):
@@ -115,7 +116,7 @@ def test_kept_channels_match_literal(monkeypatch):
     monkeypatch.setattr(rso_fast.KeptChannels, "_pending", counted_pending)
     _, trials = compare(np, lambda: paper_mnist(batch_norm=True, channels=4, bn_eps=1e-3), 14,
                         monkeypatch=monkeypatch, **dict(AUTHORS, bn_reference_images=100))
-    assert used["first"] > 100 and used["updated"] > 100, used
+    assert used["first"] > 100 and used["updated"] > 100 and used["reused"] > 50, used
     assert used["first"] + used["updated"] < trials
 
 
