@@ -51,7 +51,8 @@ class StepTimer:
     """Seconds and calls per step name, from wrappers put around the engine's functions (``install``)."""
 
     def __init__(self):
-        self.seconds, self.calls, self.faults = collections.defaultdict(float), collections.Counter(), collections.Counter()
+        self.seconds = collections.defaultdict(float)
+        self.calls, self.faults = collections.Counter(), collections.Counter()
 
     def wrap(self, name, f):
         @functools.wraps(f)
@@ -95,7 +96,8 @@ class StepTimer:
         FK.Staged.__init__ = staged_init
 
     def report(self, trials):
-        return {name: {"ms_per_trial": round(1000 * s / trials, 2), "calls_per_trial": round(self.calls[name] / trials, 2),
+        return {name: {"ms_per_trial": round(1000 * s / trials, 2),
+                       "calls_per_trial": round(self.calls[name] / trials, 2),
                        "minor_faults_per_trial": round(self.faults[name] / trials, 1)}
                 for name, s in sorted(self.seconds.items(), key=lambda kv: -kv[1])}
 

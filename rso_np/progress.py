@@ -10,8 +10,8 @@ per second), the time left in the round and ``what`` (the layer being searched):
   seconds, never a carriage return.
 
 The time left in the round: a trial of one layer can take a hundred times as long as one of another
-(at minibatch 5000 on a 2-core CPU, 2 ms for the dense layer, about 0.3 s for conv2, 1.5 s for bn1), so the count of trials left times
-the current rate says little. Once a round has been seen, each layer's seconds per trial in it give the
+(at minibatch 5000 on a 2-core CPU, 2 ms for the dense layer, about 0.3 s for conv2, 1.5 s for bn1), so
+the count of trials left times the current rate says little. Once a round has been seen, each layer's seconds per trial in it give the
 estimate for the next round ("left in the round"); before that, the trials left at the current layer's
 pace ("left at this pace"). The time between a layer's first trial and the last one of the layer before
 holds more than a trial (the evaluation after that pass, the store pass of the new layer's inputs): it
@@ -128,7 +128,8 @@ class Progress:
         if self._round:                             # this round's pace is the next round's estimate
             self.pace = {w: (n, t / k if k else 0.0) for w, (n, k, t, _) in self._round.items()}
             # the setup: the time before the first trial, less that trial at the layer's pace
-            self.setup = {w: max(0.0, g - self.pace[w][1]) if g else 0.0 for w, (_, _, _, g) in self._round.items()}
+            self.setup = {w: max(0.0, g - self.pace[w][1]) if g else 0.0
+                          for w, (_, _, _, g) in self._round.items()}
             self._after, later = {}, 0.0
             for w, (n, per) in reversed(self.pace.items()):
                 self._after[w], later = later, later + n * per + self.setup[w]
