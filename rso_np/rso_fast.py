@@ -281,21 +281,22 @@ class FastRSO(RSO):
                 dropped.append(acts)
         return dropped
 
-    def _drop_passed(self, d):
-        """Forget the stored inputs that serve another layer's passes only: a batch norm's own input
-        (``_own_point``) is for its two passes. Kept beyond them, bn1's (the first conv's output, 3 GB
-        at full MNIST) would still be valid in the next round, with conv1 unchanged until its pass, and
-        would crowd conv2's input out of ``cache_bytes``: conv2's trials would then compute conv1 on
-        every minibatch. Returns their arrays, as ``_drop_stale`` does."""
-        keep = set(self._points) | self._own_point(d)
+    def _drop_passed(self, keep):
+        """Forget the stored inputs not in ``keep`` (the layers whose input this pass may store): they
+        served another layer's passes only, as a batch norm's own input (``_own_point``) serves its two.
+        Kept beyond them, bn1's (the first conv's output, 3 GB at full MNIST) would still be valid in the
+        next round, with conv1 unchanged until its pass, and would crowd conv2's input out of
+        ``cache_bytes``: conv2's trials would then compute conv1 on every minibatch. Returns their
+        arrays, as ``_drop_stale`` does."""
         return [self._store.pop(k)[1] for k in list(self._store) if k not in keep]
 
     def _store_inputs(self, d):
         """Make sure the inputs of layer d (and of the searched layers before it, deepest first, as far as
         ``cache_bytes`` allows) are stored for every training image; returns (k, acts): the deepest stored
         layer k <= d and its input (k = 0: the training images themselves)."""
-        spare = self._drop_stale() + self._drop_passed(d)
-        points = [k for k in sorted(set(self._points) | self._own_point(d), reverse=True) if k <= d]
+        storable = set(self._points) | self._own_point(d)
+        spare = self._drop_stale() + self._drop_passed(storable)
+        points = [k for k in sorted(storable, reverse=True) if k <= d]
         k0 = next((k for k in points if k in self._store), 0)
         want = self._plan_store([k for k in points if k > k0], spare)
         if want:
