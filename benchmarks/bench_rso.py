@@ -236,7 +236,7 @@ def main(argv=None):
     res = {"model": args.model, "batch_size": args.batch_size, "device": args.device, "images": source,
            "search": cfg.to_dict(), "bn_eps": bn_eps,
            "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-           "python": platform.python_version(), "numpy": np.__version__, "engines": {}}
+           "python": platform.python_version(), "numpy": np.__version__, "blas": blas_info(), "engines": {}}
     if args.device == "gpu":
         import cupy
         res["gpu"] = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
@@ -290,6 +290,15 @@ def main(argv=None):
             if other in rounds:
                 res[f"speedup_fast_vs_{other}"] = rounds[other] / rounds["fast"]
     emit(res, args.out)
+
+
+def blas_info():
+    """NumPy's BLAS as threadpoolctl reports it: library, version, threads and the kernel set it chose for
+    this CPU (``architecture``; OpenBLAS's can be forced with OPENBLAS_CORETYPE, and a kernel set older
+    than the CPU's runs the convolutions' products slower)."""
+    from threadpoolctl import threadpool_info
+    keep = ("internal_api", "version", "num_threads", "architecture")
+    return [{k: lib.get(k) for k in keep} for lib in threadpool_info() if lib.get("user_api") == "blas"]
 
 
 def peak_rss_gb():

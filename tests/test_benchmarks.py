@@ -45,3 +45,18 @@ def test_trial_profile_steps():
     assert any(k.startswith("fill staged_candidates") for k in steps), sorted(steps)
     assert all(v["ms_per_trial"] >= 0 for v in steps.values())
     assert steps["_rest_staged_bn"]["ms_per_trial"] <= 1000 * res["s_per_trial"] * 1.5
+
+
+def test_bench_rso_records_the_blas_kernel():
+    """bench_rso.py records NumPy's BLAS and the kernel set it runs: OpenBLAS's can be forced to an older
+    CPU's (OPENBLAS_CORETYPE), which slows the convolutions' products, so a figure must say which ran."""
+    code = ("import json, sys; sys.path.insert(0, 'benchmarks'); import bench_rso; "
+            "print(json.dumps(bench_rso.blas_info()))")
+    out = run([sys.executable, "-c", code], OPENBLAS_CORETYPE="Haswell")
+    assert out.returncode == 0, out.stderr
+    import json
+    libs = json.loads(out.stdout)
+    assert libs and all({"internal_api", "version", "num_threads", "architecture"} <= set(lib) for lib in libs)
+    for lib in libs:
+        if lib["internal_api"] == "openblas":
+            assert lib["architecture"] == "Haswell", lib
