@@ -40,7 +40,7 @@ import time
 import numpy as np
 
 from rso_np.backend import DeviceError, get_xp, synchronize, to_numpy
-from rso_np.fast_kernels import parallel_cpu
+from rso_np.fast_kernels import _blas_controller, parallel_cpu
 from rso_np.layers import AvgPool2d, BatchNorm2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, MaxPool2d, ReLU
 from rso_np.models import build_model
 from rso_np.rso import AUTHORS, RSO, RSOConfig
@@ -293,12 +293,11 @@ def main(argv=None):
 
 
 def blas_info():
-    """NumPy's BLAS as threadpoolctl reports it: library, version, threads and the kernel set it chose for
-    this CPU (``architecture``; OpenBLAS's can be forced with OPENBLAS_CORETYPE, and a kernel set older
-    than the CPU's runs the convolutions' products slower)."""
-    from threadpoolctl import threadpool_info
+    """NumPy's BLAS as threadpoolctl reports it (the controller ``parallel_cpu`` uses): library, version,
+    threads and the kernel set it chose for this CPU (``architecture``; OpenBLAS's can be forced with
+    OPENBLAS_CORETYPE, and a kernel set older than the CPU's runs the convolutions' products slower)."""
     keep = ("internal_api", "version", "num_threads", "architecture")
-    return [{k: lib.get(k) for k in keep} for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    return [{k: lib.get(k) for k in keep} for lib in _blas_controller().info() if lib.get("user_api") == "blas"]
 
 
 def peak_rss_gb():

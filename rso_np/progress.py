@@ -13,9 +13,10 @@ The time left in the round: a trial of one layer can take a hundred times as lon
 (at minibatch 5000 on a 2-core CPU, 2 ms for the dense layer, about 0.3 s for conv2, 1.5 s for bn1), so
 the count of trials left times the current rate says little. Once a round has been seen, each layer's
 seconds per trial in it give the estimate for the next round ("left in the round"); before that, the
-trials left at the current layer's pace ("left at this pace"). The time between a layer's first trial and the last one of the layer before
-holds more than a trial (the evaluation after that pass, the store pass of the new layer's inputs): it
-counts as the new layer's setup, part of the next round's estimate but not of the layer's pace.
+trials left at the current layer's pace ("left at this pace"). The time between a layer's first trial
+and the last one of the layer before holds more than a trial (the evaluation after that pass, the store
+pass of the new layer's inputs): it counts as the new layer's setup, part of the next round's estimate
+but not of the layer's pace.
 """
 
 import sys
