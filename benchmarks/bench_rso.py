@@ -12,7 +12,8 @@ in the same run, layer by layer with the engines in turn (absolute times on a sh
 ratio is what to compare).
 
 ``--preset paper`` times the authors' search (``rso.AUTHORS``: batch-norm statistics frozen before the
-searched layer, chunked minibatches, ...) on ``paper_mnist_bn``; ``--engines fast,fast_no_bn`` times the
+searched layer, chunked minibatches, ...) on ``paper_mnist_bn`` with global max pooling as the authors' code
+pools (``--global-pool avg`` for the average); ``--engines fast,fast_no_bn`` times the
 fast engine on it and on the same network without batch norm, layer by layer in turn.
 
 With chunked minibatches (``--preset paper``) the fast engine is timed on at least the trials of one
@@ -41,7 +42,8 @@ import numpy as np
 
 from rso_np.backend import DeviceError, get_xp, synchronize, to_numpy
 from rso_np.fast_kernels import _blas_controller, parallel_cpu
-from rso_np.layers import AvgPool2d, BatchNorm2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, MaxPool2d, ReLU
+from rso_np.layers import (AvgPool2d, BatchNorm2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, GlobalMaxPool2d,
+                           MaxPool2d, ReLU)
 from rso_np.models import build_model
 from rso_np.rso import AUTHORS, RSO, RSOConfig
 from rso_np import rso_fast
@@ -60,10 +62,10 @@ def training_images(data_dir):
             "random images")
 
 
-def engine_timer(engine_cls, model_name, x, y, cfg, xp, bn_eps=None):
+def engine_timer(engine_cls, model_name, x, y, cfg, xp, bn_eps=None, global_pool=None):
     """A function (unit index, trials) -> timings of one layer for an rso_np engine."""
     fast = engine_cls is FastRSO
-    model = build_model(model_name, seed=0, bn_eps=bn_eps).to(xp)
+    model = build_model(model_name, seed=0, bn_eps=bn_eps, global_pool=global_pool).to(xp)
     eng = engine_cls(model, xp.asarray(x), xp.asarray(y), cfg, np.random.default_rng(0), rounds=1)
     model.train()
 
@@ -126,6 +128,8 @@ def torch_model(model):
             m = nn.AvgPool2d(layer.kernel_size, layer.stride)
         elif isinstance(layer, GlobalAvgPool2d):
             m = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        elif isinstance(layer, GlobalMaxPool2d):
+            m = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten())
         elif isinstance(layer, Flatten):
             m = nn.Flatten()
         else:
@@ -140,12 +144,12 @@ def torch_model(model):
     return net
 
 
-def torch_timer(model_name, x, y, cfg, bn_eps=None, device="cpu"):
+def torch_timer(model_name, x, y, cfg, bn_eps=None, device="cpu", global_pool=None):
     """The obvious PyTorch implementation, timed one layer at a time like ``engine_timer``: mutate one
     weight, three model(x) calls under no_grad, keep the best. ``device`` is PyTorch's ("cpu", "cuda")."""
     import torch
     import torch.nn.functional as tF
-    model = build_model(model_name, seed=0, bn_eps=bn_eps)
+    model = build_model(model_name, seed=0, bn_eps=bn_eps, global_pool=global_pool)
     net = torch_model(model).train().to(device)
     X, Y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
     rng = np.random.default_rng(0)
@@ -212,6 +216,9 @@ def main(argv=None):
                          "...) on paper_mnist_bn with batch-norm epsilon 1e-3, minibatch 5000 unless given")
     ap.add_argument("--batch-size", type=int, help="minibatch (default: 256; --preset paper: 5000)")
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    ap.add_argument("--global-pool", choices=("avg", "max"),
+                    help="the global pooling of the paper's networks (default: avg; --preset paper: max, as the "
+                         "authors' code pools)")
     ap.add_argument("--trials", type=int, default=20, help="trials timed per layer and engine (default: 20)")
     ap.add_argument("--engines", default="literal,fast",
                     help="comma-separated: literal, fast, fast_no_bn (the fast engine on the same network "
@@ -224,6 +231,7 @@ def main(argv=None):
     paper = args.preset == "paper"
     args.model = args.model or ("paper_mnist_bn" if paper else "paper_mnist")
     args.batch_size = args.batch_size or (5000 if paper else 256)
+    args.global_pool = args.global_pool or ("max" if paper else None)
     if args.trials < 1 or args.batch_size < 1:
         ap.error("--trials and --batch-size must be at least 1")
     try:
@@ -234,7 +242,7 @@ def main(argv=None):
     cfg = RSOConfig(batch_size=args.batch_size, **(AUTHORS if paper else {}))
     bn_eps = 1e-3 if paper else None
     res = {"model": args.model, "batch_size": args.batch_size, "device": args.device, "images": source,
-           "search": cfg.to_dict(), "bn_eps": bn_eps,
+           "search": cfg.to_dict(), "bn_eps": bn_eps, "global_pool": args.global_pool or "avg",
            "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "python": platform.python_version(), "numpy": np.__version__, "blas": blas_info(), "engines": {}}
     if args.device == "gpu":
@@ -246,12 +254,15 @@ def main(argv=None):
         if name not in ENGINES:
             ap.error(f"unknown engine {name!r} in --engines (choose from {', '.join(ENGINES)})")
         if name == "fast_no_bn":                 # the same network and search without its batch norms
-            timers[name] = engine_timer(FastRSO, args.model.replace("_bn", ""), x, y, cfg, xp)[0]
+            timers[name] = engine_timer(FastRSO, args.model.replace("_bn", ""), x, y, cfg, xp,
+                                        global_pool=args.global_pool)[0]
             continue
         if name == "fast_unkept":                # the fast engine without shortcut 7 (kept channels)
-            timers[name] = without_kept_channels(engine_timer(FastRSO, args.model, x, y, cfg, xp, bn_eps)[0])
+            timers[name] = without_kept_channels(engine_timer(FastRSO, args.model, x, y, cfg, xp, bn_eps,
+                                                              args.global_pool)[0])
             continue
-        timers[name], units = engine_timer(FastRSO if name == "fast" else RSO, args.model, x, y, cfg, xp, bn_eps)
+        timers[name], units = engine_timer(FastRSO if name == "fast" else RSO, args.model, x, y, cfg, xp, bn_eps,
+                                           args.global_pool)
     if args.torch:
         try:
             import torch
@@ -259,13 +270,14 @@ def main(argv=None):
             device = "cuda" if args.device == "gpu" else "cpu"
             if device == "cuda" and not torch.cuda.is_available():
                 ap.error("--torch with --device gpu: this PyTorch sees no CUDA device")
-            timers["torch"] = torch_timer(args.model, x, y, cfg, bn_eps, device)
+            timers["torch"] = torch_timer(args.model, x, y, cfg, bn_eps, device, args.global_pool)
             res["torch"] = {"version": torch.__version__, "device": device, "threads": torch.get_num_threads()}
         except ImportError:
             print("--torch: PyTorch is not installed; skipping the PyTorch comparison", file=sys.stderr)
             res["torch_skipped"] = "PyTorch not installed"
     if units is None:
-        units = [u.name for u in RSO(build_model(args.model), x[:cfg.batch_size], y[:cfg.batch_size], cfg).units]
+        units = [u.name for u in RSO(build_model(args.model, global_pool=args.global_pool), x[:cfg.batch_size],
+                                     y[:cfg.batch_size], cfg).units]
     # layer by layer, every engine in turn: a slow spell of a shared machine then hits all of them alike
     layers = {name: {} for name in timers}
     for unit in units:

@@ -16,13 +16,14 @@ from .sgd import SGDConfig
 PROG = "rso-np"
 
 # The authors' MNIST configuration, as their MXNet code runs it (see the paper notes and rso.AUTHORS): their
-# network with batch norm (MXNet's epsilon 1e-3), minibatch 5000, 50 rounds, inputs centred, batch-norm
-# statistics frozen before the searched layer, chunked minibatches, He sigma with the authors' schedule,
-# weight decay 1e-4 on every searched parameter, batch norm searched right after its conv, evaluation with
-# the statistics of the first 2000 training images after every layer pass.
+# network with batch norm (MXNet's epsilon 1e-3) and global max pooling (MXNet's default pool_type),
+# minibatch 5000, 50 rounds, inputs centred, batch-norm statistics frozen before the searched layer, chunked
+# minibatches, He sigma with the authors' schedule, weight decay 1e-4 on every searched parameter, batch norm
+# searched right after its conv, evaluation with the statistics of the first 2000 training images after
+# every layer pass.
 PRESETS = {
     "paper": {"model": "paper_mnist_bn", "batch_size": 5000, "rounds": 50, "normalize": "center", "bn_eps": 1e-3,
-              "eval_bn_stats": "reference", "eval_each_pass": True, **AUTHORS},
+              "global_pool": "max", "eval_bn_stats": "reference", "eval_each_pass": True, **AUTHORS},
 }
 
 # Defaults for a laptop CPU: small_mnist (4,568 weights), minibatch 1024 and the fast engine, so that a
@@ -77,6 +78,9 @@ def build_parser():
                                                             "paper_mnist_bn)")
     g.add_argument("--bn-eps", type=float, metavar="EPS",
                    help="batch norm's epsilon (paper_mnist_bn; default 1e-5; authors, MXNet: 1e-3)")
+    g.add_argument("--global-pool", choices=("avg", "max"),
+                   help="the paper's networks: global pooling before the dense layer, avg (default) or max "
+                        "(authors: their MXNet code's nd.Pooling(global_pool=True) defaults to max)")
     g.add_argument("--normalize", choices=NORMALIZATIONS,
                    help="input: standardize (the paper: minus the training mean, over its std; default) or "
                         "center (authors: minus the mean only)")
@@ -179,7 +183,7 @@ RUN_FIELDS = {"optimizer": (None, "optimizer"), "engine": (None, "engine"), "mod
               "dataset": (None, "dataset"), "seed": (None, "seed"), "train_limit": (None, "train_limit"),
               "test_limit": (None, "test_limit"), "eval_train_limit": (None, "eval_train_limit"),
               "normalize": (None, "normalize"), "bn_eps": (None, "bn_eps"), "eval_bn_stats": (None, "eval_bn_stats"),
-              "eval_each_pass": (None, "eval_each_pass")}
+              "eval_each_pass": (None, "eval_each_pass"), "global_pool": (None, "global_pool")}
 RSO_FIELDS = {"minibatches": "minibatches", "bn_statistics": "bn_statistics",
               "bn_reference_images": "bn_reference_images", "sigma_from": "sigma_from",
               "sigma_schedule": "sigma_schedule", "weight_decay": "weight_decay", "decay_bn": "decay_bn",

@@ -250,6 +250,23 @@ def global_avg_pool2d_backward(dout, x_shape):
     return xp.broadcast_to(g[:, :, None, None], x_shape).copy()
 
 
+def global_max_pool2d(x):
+    """Max over the whole image. x: (N, C, H, W) -> (N, C). (The authors' MXNet code pools this way:
+    ``nd.Pooling(global_pool=True)`` without a ``pool_type``, whose default is max.)"""
+    check_x(x)
+    return x.max(axis=(2, 3))
+
+
+def global_max_pool2d_backward(dout, x):
+    """Gradient of :func:`global_max_pool2d`: each image's and channel's gradient goes to its first
+    maximum (in row-major order). dout: (N, C) -> (N, C, H, W)."""
+    xp = get_array_module(x)
+    N, C, H, W = x.shape
+    first = x.reshape(N, C, H * W).argmax(axis=2)                 # argmax: the first maximum
+    at_first = xp.arange(H * W) == first[:, :, None]              # (N, C, H*W), one True each
+    return (at_first * dout[:, :, None]).astype(dout.dtype).reshape(x.shape)
+
+
 # --------------------------------------------------------------------------- activations, dense
 
 

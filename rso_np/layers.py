@@ -160,6 +160,15 @@ class GlobalAvgPool2d(Layer):
         return F.global_avg_pool2d_backward(dout, self._shape)
 
 
+class GlobalMaxPool2d(Layer):
+    def forward(self, x):
+        self._x = x
+        return F.global_max_pool2d(x)
+
+    def backward(self, dout):
+        return F.global_max_pool2d_backward(dout, self._x)
+
+
 class Flatten(Layer):
     def forward(self, x):
         self._shape = x.shape

@@ -6,7 +6,7 @@ notes): six 3x3 convolutions with 16 channels, 11,824 weights.
 
 import numpy as np
 
-from .layers import AvgPool2d, BatchNorm2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, MaxPool2d, ReLU
+from .layers import AvgPool2d, BatchNorm2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, GlobalMaxPool2d, MaxPool2d, ReLU
 from .model import Sequential
 
 
@@ -14,17 +14,25 @@ def _rng(seed):
     return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
 
-def paper_mnist(batch_norm=False, seed=0, channels=16, num_classes=10, in_channels=1, bn_eps=1e-5):
+GLOBAL_POOLS = {"avg": GlobalAvgPool2d, "max": GlobalMaxPool2d}
+
+
+def paper_mnist(batch_norm=False, seed=0, channels=16, num_classes=10, in_channels=1, bn_eps=1e-5,
+                global_pool="avg"):
     """The authors' MNIST network.
 
     conv1..conv6: 3x3, padding 1, ``channels`` channels, no bias; 2x2 average
     pooling after conv2 and conv4; batch norm (optional) after every conv, after
     the pooling where there is one; ReLU after conv1..conv5, none after conv6;
-    global average pooling; dense channels -> num_classes without bias.
+    global pooling; dense channels -> num_classes without bias.
     11,824 weights for the defaults (+192 batch-norm parameters). ``bn_eps``: batch norm's epsilon
-    (1e-5, PyTorch's default; the authors' MXNet code: 1e-3).
+    (1e-5, PyTorch's default; the authors' MXNet code: 1e-3). ``global_pool``: "avg" (global average
+    pooling, the usual reading of the paper) or "max" (the authors' code: MXNet's
+    ``nd.Pooling(global_pool=True)`` with no ``pool_type``, whose default is max).
     ``seed``: an int or a ``numpy.random.Generator`` for the He initialisation.
     """
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool must be one of {sorted(GLOBAL_POOLS)}, got {global_pool!r}")
     rng = _rng(seed)
     layers = []
     c_in = in_channels
@@ -37,7 +45,8 @@ def paper_mnist(batch_norm=False, seed=0, channels=16, num_classes=10, in_channe
         if i < 6:
             layers.append((f"relu{i}", ReLU()))
         c_in = channels
-    layers += [("gap", GlobalAvgPool2d()), ("fc", Dense(channels, num_classes, rng=rng))]
+    layers += [("gap" if global_pool == "avg" else "gmp", GLOBAL_POOLS[global_pool]()),
+               ("fc", Dense(channels, num_classes, rng=rng))]
     return Sequential(layers)
 
 
@@ -65,13 +74,19 @@ MODELS = {"paper_mnist": paper_mnist, "paper_mnist_bn": lambda seed=0, **kw: pap
           "small_mnist": small_mnist}
 
 
-def build_model(name, seed=0, bn_eps=None):
+def build_model(name, seed=0, bn_eps=None, global_pool=None):
     """Build a model by name: one of ``MODELS``. ``bn_eps``: batch norm's epsilon (models with batch
-    norm only; None: the builder's default)."""
+    norm only; None: the builder's default). ``global_pool``: "avg" or "max" (the paper's networks only;
+    None: the builder's default, "avg")."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    if bn_eps is None:
-        return MODELS[name](seed=seed)
-    if name != "paper_mnist_bn":
-        raise ValueError(f"bn_eps is for a model with batch norm (paper_mnist_bn), not {name!r}")
-    return MODELS[name](seed=seed, bn_eps=float(bn_eps))
+    kw = {}
+    if bn_eps is not None:
+        if name != "paper_mnist_bn":
+            raise ValueError(f"bn_eps is for a model with batch norm (paper_mnist_bn), not {name!r}")
+        kw["bn_eps"] = float(bn_eps)
+    if global_pool is not None:
+        if not name.startswith("paper_mnist"):
+            raise ValueError(f"global_pool is for the paper's networks (paper_mnist, paper_mnist_bn), not {name!r}")
+        kw["global_pool"] = global_pool
+    return MODELS[name](seed=seed, **kw)

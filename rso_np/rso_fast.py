@@ -74,7 +74,7 @@ from .fast_kernels import (
     staged_relu,
     staged_rows,
 )
-from .layers import AvgPool2d, BatchNorm2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, MaxPool2d, ReLU
+from .layers import AvgPool2d, BatchNorm2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, GlobalMaxPool2d, MaxPool2d, ReLU
 from .losses import per_sample_cross_entropy
 from .rso import KEEP, MINUS, PLUS, RSO
 
@@ -87,7 +87,7 @@ KEPT = True         # with chunked minibatches, keep per chunk what one output c
 # 3-5% faster, 4.8 times (2000) 12-20% faster, 12 times (5000) 1.1-2.8x faster.
 KEPT_VISITS = 2
 PER_CHUNK = True    # with the minibatch's batch-norm statistics and chunks, store the searched layer's input per chunk (8.)
-PER_CHANNEL = (ReLU, MaxPool2d, AvgPool2d, BatchNorm2d, GlobalAvgPool2d, Flatten)
+PER_CHANNEL = (ReLU, MaxPool2d, AvgPool2d, BatchNorm2d, GlobalAvgPool2d, GlobalMaxPool2d, Flatten)
 MIXING = (Conv2d, Dense)
 
 

@@ -56,6 +56,7 @@ class RunConfig:
     bn_eps: float = None            # batch norm's epsilon (None: the model's default); authors: 1e-3
     eval_bn_stats: str = "population"   # batch-norm statistics when evaluating; authors: "reference"
     eval_each_pass: bool = False    # evaluate the test set after every layer pass too (authors)
+    global_pool: str = None         # the paper's networks: "avg" (None: the model's default) or "max" (authors)
     rso: dict = field(default_factory=lambda: RSOConfig().to_dict())
     sgd: dict = field(default_factory=lambda: SGDConfig().to_dict())
 
@@ -141,7 +142,8 @@ class Trainer:
         self.x_test, self.y_test = to_device(d["x_test"], self.xp), to_device(d["y_test"], self.xp)
         n_eval = min(config.eval_train_limit or self.x_train.shape[0], self.x_train.shape[0])
         self.x_eval, self.y_eval = self.x_train[:n_eval], self.y_train[:n_eval]
-        self.model = build_model(config.model, seed=config.seed, bn_eps=config.bn_eps).to(self.xp)
+        self.model = build_model(config.model, seed=config.seed, bn_eps=config.bn_eps,
+                                 global_pool=config.global_pool).to(self.xp)
         self.rng = np.random.default_rng(config.seed + 1)   # the model's initialisation used `seed`
         self.history = []
         self.position = None    # within a round: {"round", "passes_done", "counts", "passes", "seconds", "perm_state"}

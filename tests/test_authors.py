@@ -158,3 +158,18 @@ def test_center_normalisation(tmp_path, monkeypatch):
 def test_bad_options(kw, match):
     with pytest.raises(ValueError, match=match):
         RSOConfig(**kw).validate()
+
+
+def test_paper_preset_is_the_authors_network():
+    """``--preset paper`` builds the authors' network as their code runs it: batch norm with MXNet's
+    epsilon and global max pooling before the dense layer (``nd.Pooling(global_pool=True)`` has no
+    ``pool_type``, and MXNet's default is max); ``--global-pool avg`` is the ablation."""
+    from rso_np.cli import build_parser, run_config
+    from rso_np.models import build_model
+    cfg = run_config(build_parser().parse_args(["train", "--preset", "paper"]))
+    assert (cfg.model, cfg.global_pool, cfg.bn_eps, cfg.normalize) == ("paper_mnist_bn", "max", 1e-3, "center")
+    layers = build_model(cfg.model, bn_eps=cfg.bn_eps, global_pool=cfg.global_pool).layers
+    assert [type(l).__name__ for l in layers[-3:]] == ["BatchNorm2d", "GlobalMaxPool2d", "Dense"]
+    assert run_config(build_parser().parse_args(["train", "--preset", "paper", "--global-pool", "avg"])).global_pool \
+        == "avg"
+    assert run_config(build_parser().parse_args(["train"])).global_pool is None     # small_mnist: no global pooling

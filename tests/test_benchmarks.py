@@ -60,3 +60,29 @@ def test_bench_rso_records_the_blas_kernel():
     for lib in libs:
         if lib["internal_api"] == "openblas":
             assert lib["architecture"] == "Haswell", lib
+
+
+@pytest.mark.parametrize("global_pool", ["avg", "max"])
+def test_bench_rso_torch_network_is_ours(global_pool):
+    """The PyTorch network that bench_rso.py times is rso_np's, layer for layer: the same logits in float64
+    with each minibatch's batch-norm statistics (PyTorch's own kernels are the oracle here, global max
+    pooling included). Skipped where PyTorch is not installed (it is not a dependency of rso_np)."""
+    torch = pytest.importorskip("torch")
+    import numpy as np
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_rso
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from rso_np.models import build_model
+    model = build_model("paper_mnist_bn", seed=2, bn_eps=1e-3, global_pool=global_pool)
+    for p in model.parameters().values():                          # batch norm away from gamma 1, beta 0
+        p += np.random.default_rng(0).normal(0, 0.1, p.shape).astype(p.dtype)
+    net = bench_rso.torch_model(model).double().train()
+    x = np.random.default_rng(1).standard_normal((8, 1, 28, 28))
+    with torch.no_grad():
+        want = net(torch.from_numpy(x)).numpy()
+    for layer in model.layers:
+        layer.params.update({k: v.astype(np.float64) for k, v in layer.params.items()})
+    got = model.train().forward(x)
+    assert np.abs(got - want).max() < 1e-9 * np.abs(want).max()

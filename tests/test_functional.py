@@ -88,6 +88,9 @@ def test_pooling_vs_loops(xp, shape, k, s, rng):
     g = F.global_avg_pool2d(xp.asarray(x))
     assert g.shape == shape[:2]
     assert rel_err(g, x.astype(np.float64).mean(axis=(2, 3))) < 1e-5
+    gm = F.global_max_pool2d(xp.asarray(x))
+    loops = np.array([[max(x[n, c].ravel()) for c in range(shape[1])] for n in range(shape[0])])
+    assert gm.shape == shape[:2] and gm.dtype == xp.float32 and rel_err(gm, loops) == 0
 
 
 def test_relu_flatten_linear(xp, rng):

@@ -57,6 +57,7 @@ def test_pool_backward(rng, k, s):
         check(bwd(R, arg(), k, s), num_grad(lambda: float((fwd(x, k, s) * R).sum()), x))
     R = rng.standard_normal((2, 2))
     check(F.global_avg_pool2d_backward(R, x.shape), num_grad(lambda: float((F.global_avg_pool2d(x) * R).sum()), x))
+    check(F.global_max_pool2d_backward(R, x), num_grad(lambda: float((F.global_max_pool2d(x) * R).sum()), x))
 
 
 def test_relu_linear_flatten_backward(rng):

@@ -109,6 +109,25 @@ def test_population_stats_mode_switch(rng):
     assert not np.allclose(m.train()(x[:2]), m.eval()(x[:2]), atol=1e-3)
 
 
+def test_global_max_pooling_option():
+    """The authors' code pools globally with max (MXNet's default pool_type): the same weights as with
+    average pooling, a different layer before the dense one, and a clear error for a bad choice."""
+    avg, mx = paper_mnist(batch_norm=True, seed=3), paper_mnist(batch_norm=True, seed=3, global_pool="max")
+    assert [n for n in mx.names][-3:] == ["bn6", "gmp", "fc"]
+    assert type(mx.layers[-2]).__name__ == "GlobalMaxPool2d"
+    for k, v in avg.parameters().items():
+        assert np.array_equal(v, mx.parameters()[k]), k
+    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    h = mx.forward(x, stop=len(mx.layers) - 2)          # bn6's output
+    W = mx.parameters()["fc.weight"]
+    assert np.allclose(mx.forward(x), h.max(axis=(2, 3)) @ W.T, atol=1e-5)
+    assert build_model("paper_mnist_bn", global_pool="max").spec() == mx.spec()
+    with pytest.raises(ValueError, match="global_pool must be one of"):
+        paper_mnist(global_pool="min")
+    with pytest.raises(ValueError, match="global_pool is for the paper's networks"):
+        build_model("small_mnist", global_pool="max")
+
+
 def test_build_model_unknown():
     with pytest.raises(ValueError, match="unknown model 'resnet'"):
         build_model("resnet")

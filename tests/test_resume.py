@@ -22,7 +22,8 @@ def small_bn(monkeypatch):
     from rso_np import training
     from rso_np.models import paper_mnist
     monkeypatch.setattr(training, "build_model",
-                        lambda name, seed=0, bn_eps=None: paper_mnist(True, seed, channels=4, bn_eps=bn_eps))
+                        lambda name, seed=0, bn_eps=None, global_pool=None:
+                        paper_mnist(True, seed, channels=4, bn_eps=bn_eps, global_pool=global_pool or "avg"))
 
 
 def authors_run(tmp_path, name, stop_at=None, resume=False):
@@ -75,6 +76,7 @@ def test_stopped_in_a_batch_norm_pass_resumes_bit_identical(tmp_path, monkeypatc
     (["--rounds", "5"], "--rounds: the run in"),
     (["--preset", "paper"], "--model: the run in"),
     (["--minibatches", "chunks"], "--minibatches: the run in"),
+    (["--global-pool", "max"], "--global-pool: the run in"),
 ])
 def test_resume_refuses_other_settings(tmp_path, capsys, given, needle):
     out = tmp_path / "run"
@@ -86,6 +88,6 @@ def test_resume_refuses_other_settings(tmp_path, capsys, given, needle):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
     run_value = {"--model": "'small_mnist'", "--batch-size": "256", "--rounds": "2", "--preset": "'small_mnist'",
-                 "--minibatches": "'draw'"}[given[0]]
+                 "--minibatches": "'draw'", "--global-pool": "None"}[given[0]]
     assert f"has {run_value}, given" in err, err
     assert main([*base, "--resume", "--batch-size", "256", "--rounds", "2"]) == 0   # the same settings: fine

@@ -88,8 +88,11 @@ def compare(xp, build, size, rounds=1, batch=16, n=300, monkeypatch=None, **cfg)
     (lambda: paper_mnist(channels=4), 14, {"minibatches": "chunks", "sigma_from": "he"}),
     (lambda: paper_mnist(batch_norm=True, channels=4, bn_eps=1e-3), 14,
      dict(AUTHORS, bn_statistics="minibatch", bn_reference_images=100)),
+    (lambda: paper_mnist(channels=4, global_pool="max"), 14, {}),
+    (lambda: paper_mnist(batch_norm=True, channels=4, bn_eps=1e-3, global_pool="max"), 14,
+     dict(AUTHORS, bn_reference_images=100)),
 ], ids=["small", "paper", "paper_bn_wd", "paper_bn_ablation", "paper_bn_authors", "paper_bn_frozen_first_to_last",
-        "paper_chunks", "paper_bn_minibatch_chunks"])
+        "paper_chunks", "paper_bn_minibatch_chunks", "paper_max", "paper_bn_authors_max"])
 def test_fast_matches_literal(xp, monkeypatch, build, size, cfg):
     compare(xp, build, size, monkeypatch=monkeypatch, **cfg)
 
