@@ -231,6 +231,8 @@ def check_resume(args, saved):
     naming it, the run's value and the given one."""
     for (dest, section, field), v in given_settings(args).items():
         have = getattr(saved, field) if section is None else getattr(saved, section).get(field)
+        if field == "global_pool" and have is None and saved.model.startswith("paper_mnist"):
+            have = "avg"                              # the paper's networks pool with the average by default
         if section in ("rso", "sgd") and section != saved.optimizer:
             continue                                  # the other optimiser's options do not apply
         if have != v and not (isinstance(v, float) and have is not None and float(have) == v):

@@ -173,3 +173,17 @@ def test_paper_preset_is_the_authors_network():
     assert run_config(build_parser().parse_args(["train", "--preset", "paper", "--global-pool", "avg"])).global_pool \
         == "avg"
     assert run_config(build_parser().parse_args(["train"])).global_pool is None     # small_mnist: no global pooling
+
+
+def test_resume_of_a_run_recorded_before_global_pool():
+    """A paper-network run recorded before the option (no global_pool in its settings) pooled with the
+    average: resuming it with --global-pool avg is its own setting, with --global-pool max a conflict that
+    names both values."""
+    from rso_np.cli import UsageError, build_parser, check_resume
+    from rso_np.training import RunConfig
+    saved = RunConfig(model="paper_mnist_bn")
+    assert saved.global_pool is None
+    parse = lambda *a: build_parser().parse_args(["train", "--resume", "--out", "run", *a])
+    check_resume(parse("--global-pool", "avg"), saved)
+    with pytest.raises(UsageError, match="--global-pool: the run in run has 'avg', given 'max'"):
+        check_resume(parse("--global-pool", "max"), saved)
