@@ -177,6 +177,21 @@ def test_bn_global_avg_vs_reference(groups):
     assert np.abs(got - ref).max() < 1e-5 and np.abs(got - exact.reshape(-1, C)).max() < 1e-5
 
 
+@pytest.mark.parametrize("H,W", [(7, 7), (1, 1), (2, 3), (5, 4)])
+def test_global_max_bit_for_bit(H, W):
+    """Global max pooling of a channels-last array as a tree of maxima: functional.global_max_pool2d's
+    numbers exactly, odd pixel counts, infinities and NaN included, and the loops' maxima."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((6, H, W, 5)).astype(np.float32).transpose(0, 3, 1, 2)
+    x[0, 0, 0, 0], x[1, 1, -1, -1], x[2, 2, 0, -1] = np.inf, -np.inf, np.nan
+    got = FK.global_max(x)
+    assert got.shape == (6, 5) and got.dtype == np.float32
+    assert np.array_equal(got, F.global_max_pool2d(x), equal_nan=True)
+    loops = np.array([[max(x[n, c].ravel()) if not np.isnan(x[n, c]).any() else np.nan for c in range(5)]
+                      for n in range(6)], dtype=np.float32)
+    assert np.array_equal(got, loops, equal_nan=True)
+
+
 def test_relu_bit_for_bit():
     """The ReLU of the staged kernels (maximum against an array of zeros) gives functional.relu's bits,
     NaN, infinities and -0.0 included."""
