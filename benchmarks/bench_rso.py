@@ -44,7 +44,7 @@ from rso_np.backend import DeviceError, get_xp, synchronize, to_numpy
 from rso_np.fast_kernels import _blas_controller, parallel_cpu
 from rso_np.layers import (AvgPool2d, BatchNorm2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, GlobalMaxPool2d,
                            MaxPool2d, ReLU)
-from rso_np.models import build_model
+from rso_np.models import GLOBAL_POOLS, build_model
 from rso_np.rso import AUTHORS, RSO, RSOConfig
 from rso_np import rso_fast
 from rso_np.rso_fast import FastRSO
@@ -216,7 +216,7 @@ def main(argv=None):
                          "...) on paper_mnist_bn with batch-norm epsilon 1e-3, minibatch 5000 unless given")
     ap.add_argument("--batch-size", type=int, help="minibatch (default: 256; --preset paper: 5000)")
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    ap.add_argument("--global-pool", choices=("avg", "max"),
+    ap.add_argument("--global-pool", choices=sorted(GLOBAL_POOLS),
                     help="the global pooling of the paper's networks (default: avg; --preset paper: max, as the "
                          "authors' code pools)")
     ap.add_argument("--trials", type=int, default=20, help="trials timed per layer and engine (default: 20)")

@@ -42,7 +42,7 @@ import numpy as np
 
 from rso_np import rso_fast
 from rso_np.fast_kernels import parallel_cpu
-from rso_np.models import build_model
+from rso_np.models import GLOBAL_POOLS, build_model
 from rso_np.rso import AUTHORS, RSOConfig
 from rso_np.rso_fast import FastRSO
 
@@ -60,7 +60,7 @@ def time_layer(eng, unit, flag, on, trials):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--global-pool", choices=("avg", "max"),
+    ap.add_argument("--global-pool", choices=sorted(GLOBAL_POOLS),
                     help="the network's global pooling (default: avg; max with --shortcut GLOBAL_MAX)")
     ap.add_argument("--shortcut", choices=("KEPT", "STAGED_BN", "PER_CHUNK", "GLOBAL_MAX"), default="KEPT",
                     help="the switch in rso_fast of the shortcut to time (default: KEPT, kept channels)")
@@ -72,7 +72,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     x, y, source = training_images(args.data_dir)
     args.global_pool = args.global_pool or ("max" if args.shortcut == "GLOBAL_MAX" else "avg")
-    res = {"model": "paper_mnist_bn", "global_pool": args.global_pool, "images": source, "date": datetime.date.today().isoformat(),
+    res = {"model": "paper_mnist_bn", "global_pool": args.global_pool, "images": source,
+           "date": datetime.date.today().isoformat(),
            "machine": f"{platform.machine()}", "numpy": np.__version__, "shortcut": args.shortcut,
            "kept_visits": rso_fast.KEPT_VISITS, "results": []}
     for B in (int(b) for b in args.batch_sizes.split(",")):

@@ -8,7 +8,7 @@ from pathlib import Path
 from .backend import DeviceError
 from .data import DATASETS, NORMALIZATIONS
 from .training import EVAL_BN_STATS
-from .models import MODELS
+from .models import GLOBAL_POOLS, MODELS
 from .progress import Progress
 from .rso import AUTHORS, BN_STATISTICS, LAYER_ORDERS, MINIBATCHES, SIGMA_FROM, SIGMA_SCHEDULES, RSOConfig
 from .sgd import SGDConfig
@@ -78,7 +78,7 @@ def build_parser():
                                                             "paper_mnist_bn)")
     g.add_argument("--bn-eps", type=float, metavar="EPS",
                    help="batch norm's epsilon (paper_mnist_bn; default 1e-5; authors, MXNet: 1e-3)")
-    g.add_argument("--global-pool", choices=("avg", "max"),
+    g.add_argument("--global-pool", choices=sorted(GLOBAL_POOLS),
                    help="the paper's networks: global pooling before the dense layer, avg (default) or max "
                         "(authors: their MXNet code's nd.Pooling(global_pool=True) defaults to max)")
     g.add_argument("--normalize", choices=NORMALIZATIONS,
