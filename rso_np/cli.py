@@ -98,7 +98,8 @@ def build_parser():
     g = t.add_argument_group("run")
     g.add_argument("--optimizer", choices=("rso", "sgd"), help="(default: rso)")
     g.add_argument("--preset", choices=sorted(PRESETS), help="'paper': the authors' MNIST configuration")
-    g.add_argument("--rounds", type=positive_int, help="RSO rounds (default: 10; paper: 50)")
+    g.add_argument("--rounds", type=positive_int, help="RSO rounds: the length C of the sigma schedule (default: 10; paper: 50); "
+                        "--stop-after N stops after N of them on the same schedule")
     g.add_argument("--epochs", type=positive_int, help="SGD epochs (default: 10)")
     g.add_argument("--batch-size", type=positive_int,
                    help=f"minibatch (default: RSO {RSOConfig.batch_size}, paper 5000; SGD {SGDConfig.batch_size})")
