@@ -86,3 +86,58 @@ def test_bench_rso_torch_network_is_ours(global_pool):
         layer.params.update({k: v.astype(np.float64) for k, v in layer.params.items()})
     got = model.train().forward(x)
     assert np.abs(got - want).max() < 1e-9 * np.abs(want).max()
+
+
+def test_trial_flops_counts(tmp_path):
+    """trial_flops.py's multiply-adds against the paper network's convolutions written out by hand
+    (16 channels, 3x3, padding 1; 28x28, pooled to 14x14 after conv2 and to 7x7 after conv4), and its
+    ratios from a result file whose every trial takes 0.1 s in the fast engine and 2 s in PyTorch."""
+    import json
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import trial_flops as tf
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from rso_np.models import build_model
+    from rso_np.layers import BatchNorm2d
+
+    model = build_model("paper_mnist_bn", bn_eps=1e-3, global_pool="max")
+    for layer in model.layers:
+        if isinstance(layer, BatchNorm2d):
+            layer.training = True
+    layers, ins, at = model.layers, tf.shapes(model.layers), {n: i for i, n in enumerate(model.names)}
+    conv1, conv2 = 28 * 28 * 16 * 9, 28 * 28 * 16 * 144
+    conv3 = conv4 = 14 * 14 * 16 * 144
+    conv2_pooled = 14 * 14 * 16 * 16 * 4 * 4               # conv2 + 2x2 average pooling: 4x4, stride 2
+    conv4_pooled = 7 * 7 * 16 * 16 * 4 * 4
+    conv5 = conv6 = 7 * 7 * 16 * 144
+    fc = 16 * 10
+    B = 5000
+    torch = 3 * B * (conv1 + conv2 + conv3 + conv4 + conv5 + conv6 + fc)
+    assert tf.macs(layers, ins, at["conv4"], True) == conv4_pooled
+    assert tf.macs(layers, ins, at["conv4"], False) == conv4
+    # conv2 with kept channels: conv3 on one input channel, then conv4 (pooled), conv5, conv6 for 3B
+    assert tf.trial_macs(layers, ins, at["conv2"], B, True) == \
+        (3 * B * (conv3 // 16 + conv4_pooled + conv5 + conv6 + fc), torch)
+    # conv1 without: conv1 and conv2 (pooled) in full for W, conv2 on one channel for the two candidates
+    assert tf.trial_macs(layers, ins, at["conv1"], B, False)[0] == \
+        B * (conv1 + conv2_pooled) + 2 * B * (conv2_pooled // 16) + 3 * B * (conv3 + conv4_pooled + conv5 + conv6 + fc)
+    # batch norm 5's parameters: conv6 in full for W and on one channel for the candidates, then the dense layer
+    assert tf.trial_macs(layers, ins, at["bn5"], B, False)[0] == B * conv6 + 2 * B * (conv6 // 16) + 3 * B * fc
+    assert tf.trial_macs(layers, ins, at["fc"], B, False)[0] == 0
+    avg = build_model("paper_mnist", global_pool="avg")    # no batch norm between conv6 and the pooling:
+    # conv6 + global average pooling as one dense layer: the patches summed over the 7x7 pixels, then 16 x 144
+    assert tf.macs(avg.layers, tf.shapes(avg.layers), avg.names.index("conv6"), True) == 49 * 144 + 16 * 144
+
+    units = {name: {"weights": int(a.size), "s_per_trial": 0.1} for name, a in model.parameters().items()}
+    bench = {"model": "paper_mnist_bn", "bn_eps": 1e-3, "global_pool": "max", "batch_size": B,
+             "search": {"minibatches": "chunks"},
+             "engines": {"fast": {"layers": units},
+                         "torch": {"layers": {n: dict(u, s_per_trial=2.0) for n, u in units.items()}}}}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(bench))
+    out = run([sys.executable, "benchmarks/trial_flops.py", "--bench", str(path), "--target", "40"])
+    assert out.returncode == 0, out.stderr
+    assert "ratio 20.0x" in out.stdout and "(2.00x faster than measured)" in out.stdout, out.stdout
+    bad = run([sys.executable, "benchmarks/trial_flops.py", "--bench", str(tmp_path / "missing.json")])
+    assert bad.returncode != 0 and "missing.json" in bad.stderr
