@@ -24,13 +24,12 @@ second.
 
 import argparse
 import json
-import os
 import sys
 
 import numpy as np
 
 from rso_np import rso_fast
-from rso_np.layers import AvgPool2d, BatchNorm2d, Conv2d, Dense, GlobalAvgPool2d
+from rso_np.layers import AvgPool2d, Conv2d, Dense, GlobalAvgPool2d
 
 TRAIN_IMAGES = 60000
 
@@ -40,12 +39,7 @@ def shapes(layers, in_shape=(1, 1, 28, 28)):
     x, out = np.zeros(in_shape, dtype=np.float32), []
     for layer in layers:
         out.append(x.shape[1:])
-        was = getattr(layer, "training", None)
-        if isinstance(layer, BatchNorm2d):
-            layer.training = False                         # one image: the running statistics will do
         x = layer.forward(x)
-        if was is not None:
-            layer.training = was
     return out
 
 
@@ -69,11 +63,11 @@ def macs(layers, ins, i, folded):
 
 
 def mixing_after(layers, i):
-    """Index of the first conv or dense layer after layer i's block (len(layers) if none)."""
-    j = i + (rso_fast.block_size(layers, i) if isinstance(layers[i], Conv2d) else 1)
-    while j < len(layers) and not isinstance(layers[j], (Conv2d, Dense)):
-        j += 1
-    return j
+    """``rso_fast.mixing_after``: the next conv or dense layer after layer i (len(layers) if none)."""
+    m = rso_fast.mixing_after(layers, i)
+    if m is None:
+        raise ValueError(f"layer {i}: a layer that mixes channels without being a conv or dense lies after it")
+    return m
 
 
 def trial_macs(layers, ins, i, B, kept):
@@ -117,9 +111,6 @@ def main(argv=None):
     model = build_model(bench["model"], bn_eps=bench.get("bn_eps"), global_pool=bench.get("global_pool"))
     names = dict((n, i) for i, n in enumerate(model.names))
     layers, B = model.layers, int(bench["batch_size"])
-    for layer in layers:
-        if isinstance(layer, BatchNorm2d):
-            layer.training = True
     ins = shapes(layers)
     chunks = bench.get("search", {}).get("minibatches") == "chunks"
 
@@ -128,7 +119,7 @@ def main(argv=None):
         i = names[unit.split(".")[0]]
         w = f["weights"]
         kept = (chunks and rso_fast.KEPT and isinstance(layers[i], Conv2d) and unit.endswith(".weight")
-                and np.prod(layers[i].params["weight"].shape[1:]) / (TRAIN_IMAGES / B) >= rso_fast.KEPT_VISITS)
+                and rso_fast.chunks_come_back(layers[i].params["weight"][0].size, TRAIN_IMAGES, B))
         fm, tm = trial_macs(layers, ins, i, B, kept)
         fg, tg = 2 * fm / 1e9, 2 * tm / 1e9
         fs, ts = f["s_per_trial"], torch_l[unit]["s_per_trial"]

@@ -93,6 +93,22 @@ PER_CHANNEL = (ReLU, MaxPool2d, AvgPool2d, BatchNorm2d, GlobalAvgPool2d, GlobalM
 MIXING = (Conv2d, Dense)
 
 
+def mixing_after(layers, d):
+    """Index m of the first conv/dense after layer d if only per-channel layers lie between, else None."""
+    for m in range(d + 1, len(layers)):
+        if isinstance(layers[m], MIXING):
+            return m
+        if not isinstance(layers[m], PER_CHANNEL):
+            return None
+    return len(layers)                   # nothing mixes channels any more (the output itself)
+
+
+def chunks_come_back(trials, images, batch_size):
+    """Whether, with chunked minibatches, each of the images // batch_size chunks comes back at least
+    ``KEPT_VISITS`` times within one output channel's ``trials`` (C_in*KH*KW): where 7. kept channels pay."""
+    return trials >= KEPT_VISITS * (images // batch_size)
+
+
 def _staging(xp):
     """Whether the CPU staging of ``fast_kernels`` is used for arrays of module xp."""
     return STAGED and xp is np
@@ -431,7 +447,7 @@ class FastRSO(RSO):
         get_h, stored = self._prefix_getter(d)
         if isinstance(layer, Dense) and d == len(self.layers) - 1:
             return DenseShortcut(self, unit, get_h)
-        m = self._mixing_after(d)
+        m = mixing_after(self.layers, d)
         if isinstance(layer, (Conv2d, BatchNorm2d)) and m is not None and (
                 m == len(self.layers) or isinstance(self.layers[m], (Conv2d, Dense))):
             kind = KeptChannels if self._keeps_channels(unit, m, stored) else ChannelDelta
@@ -442,19 +458,10 @@ class FastRSO(RSO):
         """Whether the trials of ``unit`` (channel delta to mixing layer m) use 7. kept channels: a conv's
         weights, chunked minibatches, the input stored, a mixing layer after it, NumPy, and each chunk
         coming back at least ``KEPT_VISITS`` times within one output channel's trials."""
-        chunks = self.x.shape[0] // self.config.batch_size
         return (KEPT and self.config.minibatches == "chunks" and self.xp is np and stored is not None
                 and isinstance(self.layers[unit.layer_index], Conv2d) and unit.name.endswith(".weight")
-                and m < len(self.layers) and unit.array[0].size >= KEPT_VISITS * chunks)
-
-    def _mixing_after(self, d):
-        """Index m of the first conv/dense after layer d if only per-channel layers lie between, else None."""
-        for m in range(d + 1, len(self.layers)):
-            if isinstance(self.layers[m], MIXING):
-                return m
-            if not isinstance(self.layers[m], PER_CHANNEL):
-                return None
-        return len(self.layers)          # nothing mixes channels any more (the output itself)
+                and m < len(self.layers) and chunks_come_back(unit.array[0].size, self.x.shape[0],
+                                                              self.config.batch_size))
 
     def losses(self, logits, rows, groups):
         return group_losses(logits, self.y[rows], groups, self.config.loss_agg)

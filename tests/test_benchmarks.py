@@ -99,12 +99,8 @@ def test_trial_flops_counts(tmp_path):
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     from rso_np.models import build_model
-    from rso_np.layers import BatchNorm2d
 
     model = build_model("paper_mnist_bn", bn_eps=1e-3, global_pool="max")
-    for layer in model.layers:
-        if isinstance(layer, BatchNorm2d):
-            layer.training = True
     layers, ins, at = model.layers, tf.shapes(model.layers), {n: i for i, n in enumerate(model.names)}
     conv1, conv2 = 28 * 28 * 16 * 9, 28 * 28 * 16 * 144
     conv3 = conv4 = 14 * 14 * 16 * 144
