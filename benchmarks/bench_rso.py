@@ -18,7 +18,9 @@ fast engine on it and on the same network without batch norm, layer by layer in 
 
 With chunked minibatches (``--preset paper``) the fast engine is timed on at least the trials of one
 output channel of each convolution: what it keeps per chunk is made once per output channel and serves
-that channel's trials, so fewer trials would not show its average cost.
+that channel's trials, so fewer trials would not show its average cost. Its batch-norm passes (a scale or
+shift per channel, 16 trials) are timed whole: a pass's trials reuse the arrays its first trial makes
+(``fast_kernels.Workspace``), so two trials would charge that first one's memory to each.
 
 ``--torch`` also times the straightforward PyTorch version of the same algorithm on the same network and
 minibatches (three ``model(x)`` calls per weight under ``no_grad``), on the CUDA device with ``--device gpu``;
@@ -85,6 +87,8 @@ def engine_timer(engine_cls, model_name, x, y, cfg, xp, bn_eps=None, global_pool
             # kept channels (rso_fast.KeptChannels): the arrays kept per chunk are made once per output
             # channel, so the trials of a whole output channel are timed
             k = min(n, max(k, n // unit.array.shape[0]))
+        if fast and cfg.minibatches == "chunks" and unit.batch_norm:
+            k = n                                             # a batch-norm pass, whole (16 trials here)
         t = time.perf_counter()
         eng.start_pass(unit)                                  # batch-norm statistics, the pass's shuffle
         synchronize(xp)

@@ -127,6 +127,12 @@ def _relu(x, out):
     return np.maximum(x, _zeros(x.shape, x.dtype), out=out)
 
 
+def relu(x, ws=None, key=None):
+    """``functional.relu(x)`` (NumPy), into a Workspace array when ``ws`` and ``key`` are given."""
+    out = _take(ws, key, x.shape, x.dtype)
+    return _relu(x, np.empty_like(x) if out is None else out)
+
+
 def _zeros(shape, dtype):
     """Zeros of any shape, a view of this thread's one zero-filled buffer (grown when too small, never
     written): blocks of many shapes share it, where one buffer per shape would crowd ``_thread_buffer``."""

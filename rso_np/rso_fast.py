@@ -70,6 +70,7 @@ from .fast_kernels import (
     conv_avg_pool,
     conv_global_avg,
     global_max,
+    relu,
     staged_bn_relu,
     staged_candidates,
     staged_relu,
@@ -198,13 +199,17 @@ def forward_grouped(layers, x, groups=1, ws=None):
     return x.array() if isinstance(x, Staged) else x
 
 
-def forward_channel(layers, x, o, groups):
-    """Run per-channel ``layers`` on channel ``o`` alone: x (G*B, 1, H, W) -> (G*B, 1, H', W') or (G*B, 1)."""
-    for layer in layers:
+def forward_channel(layers, x, o, groups, ws=None):
+    """Run per-channel ``layers`` on channel ``o`` alone: x (G*B, 1, H, W) -> (G*B, 1, H', W') or (G*B, 1).
+    ``ws``: a Workspace (NumPy) for the outputs of batch norm and ReLU."""
+    for i, layer in enumerate(layers):
         if isinstance(layer, BatchNorm2d):
-            x = batch_norm(x, layer.params["weight"][o:o + 1], layer.params["bias"][o:o + 1], layer.eps, groups)
+            x = batch_norm(x, layer.params["weight"][o:o + 1], layer.params["bias"][o:o + 1], layer.eps, groups,
+                           ws, ("channel", i))
         elif isinstance(layer, Flatten):
             x = x.reshape(x.shape[0], -1)
+        elif isinstance(layer, ReLU) and ws is not None:
+            x = relu(x, ws, ("channel", i))
         else:
             x = layer.forward(x)
     return x
@@ -577,8 +582,16 @@ class ChannelDelta:
         return xp.where(moved, f, f[KEEP])
 
     # layer d's output: (z, hc), hc the padded input channel c of a conv weight W[o, c, ki, kj] (else None)
+    def _input(self, rows):
+        """Layer d's input for the minibatch; on the CPU, from a stored input, gathered into the workspace
+        (the same numbers as ``get_h``, without a fresh array each trial)."""
+        if self.ws is None or self.stored is None or self.stored.ndim != 4 or not channels_last(self.stored):
+            return self.get_h(rows)
+        B, C, H, W = (len(rows),) + self.stored.shape[1:]
+        return staged_rows(self.stored, rows).array(self.ws.get("h", (B, H, W, C), self.stored.dtype))
+
     def _output(self, j, rows):
-        h = self.get_h(rows)
+        h = self._input(rows)
         z = conv_block(self.layers, self.d, h) if isinstance(self.layer, Conv2d) else self.layer.forward(h)
         return z, None
 
@@ -599,7 +612,7 @@ class ChannelDelta:
     def _output_bn(self, j, rows):
         """Batch norm searched (the minibatch's statistics): out = h * scale + shift in one pass from the
         channel sums (``fast_kernels.bn_scale_shift``), with 1 / std and -mean / std kept for the piece."""
-        h = self.get_h(rows)
+        h = self._input(rows)
         if not channels_last(h):
             self._norm = None
             return self.layer.forward(h), None
@@ -676,17 +689,28 @@ class ChannelDelta:
         layers between, all three by one route so that their differences are exact (a change that
         vanishes, at a ReLU say, is exactly zero): (da (2B, ...) the changes of W + dW and W - dW, cols:
         where they sit in layer m's input, and channel o there for W itself)."""
-        xp = self.xp
-        zc = xp.concatenate([zo + dp * piece, zo, zo + dm * piece])[:, None]
-        ac = forward_channel(self.between, zc, o, 3)
-        B = zo.shape[0]
+        xp, ws, B = self.xp, self.ws, zo.shape[0]
+        if ws is None or xp.result_type(zo, dp, piece) != zo.dtype:
+            zc = xp.concatenate([zo + dp * piece, zo, zo + dm * piece])[:, None]
+        else:                                              # the same sums, in arrays kept between trials
+            zc = ws.get("zc", (3 * B, 1) + zo.shape[1:], zo.dtype)
+            for k, d in ((0, dp), (2, dm)):
+                np.multiply(piece, d, out=zc[k * B:(k + 1) * B, 0])
+                np.add(zo, zc[k * B:(k + 1) * B, 0], out=zc[k * B:(k + 1) * B, 0])
+            zc[B:2 * B, 0] = zo
+        ac = forward_channel(self.between, zc, o, 3, ws)
         if ac.ndim == 4:                                   # still images: channel o
             cols = slice(o, o + 1)
         else:                                              # flattened or pooled to (B, C*H*W): its block
             ac = ac.reshape(3 * B, -1)
             cols = slice(o * ac.shape[1], (o + 1) * ac.shape[1])
         base = ac[B:2 * B]
-        return xp.concatenate([ac[:B] - base, ac[2 * B:] - base]), cols, base
+        if ws is None:
+            return xp.concatenate([ac[:B] - base, ac[2 * B:] - base]), cols, base
+        da = ws.get("da", (2 * B,) + ac.shape[1:], ac.dtype)
+        np.subtract(ac[:B], base, out=da[:B])
+        np.subtract(ac[2 * B:], base, out=da[B:])
+        return da, cols, base
 
     # the candidates through the rest of the network: logits (3B, K)
     def _dy(self, da, o, cols):

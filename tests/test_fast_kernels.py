@@ -200,6 +200,12 @@ def test_relu_bit_for_bit():
     out = np.empty_like(x)
     FK._relu(x, out)
     assert np.array_equal(out.view(np.int32), F.relu(x).view(np.int32))
+    ws = FK.Workspace()                                  # the public one: into a workspace array, kept
+    first = FK.relu(x.reshape(10, 1, 10, 10), ws, "r")
+    assert np.array_equal(first.view(np.int32), F.relu(x).reshape(10, 1, 10, 10).view(np.int32))
+    assert FK.relu(-x.reshape(10, 1, 10, 10), ws, "r") is first
+    assert np.array_equal(first.view(np.int32), F.relu(-x).reshape(10, 1, 10, 10).view(np.int32))
+    assert np.array_equal(FK.relu(x).view(np.int32), F.relu(x).view(np.int32))    # no workspace: fresh
 
 
 @pytest.mark.parametrize("parallel", [False, True])
