@@ -187,6 +187,42 @@ def test_batch_norm_passes_gather_their_stored_input():
     assert np.abs(trial.get_h(rows) - eng.model.forward(x[rows], check=False, stop=bn)).max() < 1e-5
 
 
+def test_channel_delta_trials_reuse_their_arrays():
+    """On the CPU a channel-delta trial (a batch norm's scale or shift; a conv's weights without kept
+    channels) makes no new array for its input, the candidates' channel or their changes: the second trial
+    of a pass finds all of them in the workspace of the first, and its losses are the literal ones."""
+    x, y = data(np, 320, 14)
+    cfg = RSOConfig(batch_size=32, **dict(AUTHORS, bn_reference_images=100))
+    eng = FastRSO(paper_mnist(batch_norm=True, channels=4), x, y, cfg, np.random.default_rng(0))
+    lit = RSO(paper_mnist(batch_norm=True, channels=4), x, y, cfg, np.random.default_rng(0))
+    units, lit_units = {u.name: u for u in eng.units}, {u.name: u for u in lit.units}
+    for name in ("bn1.weight", "bn2.bias", "conv1.weight"):
+        unit = units[name]
+        eng.start_pass(unit)
+        lit.start_pass(lit_units[name])
+        trial = eng._trial_fn(unit)
+        assert type(trial).__name__ == "ChannelDelta", name
+        made = None
+        for j in (1, 2):
+            rows = eng.draw(unit.sigma)[0]
+            w0 = unit.array.reshape(-1)[j]
+            wp, wm = w0 + np.float32(0.05), w0 - np.float32(0.05)
+            f = trial(j, rows, w0, wp, wm)
+            flat = lit_units[name].array.reshape(-1)
+            want = []
+            for v in (wp, w0, wm):
+                flat[j] = v
+                want.append(lit.minibatch_loss(lit.x[rows], lit.y[rows]))
+            flat[j] = w0
+            assert np.allclose(f, want, rtol=1e-5), (name, f, want)
+            arrays = {k: id(a) for k, a in trial.ws.arrays.items()}
+            if made is None:
+                made = arrays
+                assert {k[0] for k in made} >= {"zc", "da"} | ({"h"} if name.startswith("bn") else set()), name
+            else:
+                assert arrays == made, (name, set(arrays) ^ set(made))
+
+
 def test_batch_norm_store_is_dropped_after_its_passes():
     """A batch norm's own stored input serves its two passes and no more: the next round's first pass
     drops it, so that the searched convs' inputs fit in ``cache_bytes`` as in the first round (kept, bn1's
