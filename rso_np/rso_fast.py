@@ -585,7 +585,7 @@ class ChannelDelta:
     def _input(self, rows):
         """Layer d's input for the minibatch; on the CPU, from a stored input, gathered into the workspace
         (the same numbers as ``get_h``, without a fresh array each trial)."""
-        if self.ws is None or self.stored is None or self.stored.ndim != 4 or not channels_last(self.stored):
+        if self.ws is None or self.stored is None or not channels_last(self.stored):
             return self.get_h(rows)
         B, C, H, W = (len(rows),) + self.stored.shape[1:]
         return staged_rows(self.stored, rows).array(self.ws.get("h", (B, H, W, C), self.stored.dtype))
@@ -695,8 +695,8 @@ class ChannelDelta:
         else:                                              # the same sums, in arrays kept between trials
             zc = ws.get("zc", (3 * B, 1) + zo.shape[1:], zo.dtype)
             for k, d in ((0, dp), (2, dm)):
-                np.multiply(piece, d, out=zc[k * B:(k + 1) * B, 0])
-                np.add(zo, zc[k * B:(k + 1) * B, 0], out=zc[k * B:(k + 1) * B, 0])
+                part = zc[k * B:(k + 1) * B, 0]
+                np.add(zo, np.multiply(piece, d, out=part), out=part)
             zc[B:2 * B, 0] = zo
         ac = forward_channel(self.between, zc, o, 3, ws)
         if ac.ndim == 4:                                   # still images: channel o
