@@ -170,6 +170,13 @@ def build_parser():
     pl.add_argument("--x", choices=("rounds", "updates"), default="rounds",
                     help="x-axis: rounds/epochs, or weight updates (the paper's comparison)")
     pl.add_argument("--title", help="figure title")
+
+    tb = sub.add_parser("table", help="print a run's history as a Markdown table (one row per round)",
+                        description="Print the history of a run folder written by 'train' as a Markdown "
+                                    "table: losses, accuracies, the best test accuracy so far (after any layer "
+                                    "pass where the run evaluated after each), the accepted share and the "
+                                    "seconds of each round. 'train' writes the same into history.md.")
+    tb.add_argument("run", metavar="DIR", help="a run folder written by 'train' (or its history.json)")
     return p
 
 
@@ -280,6 +287,11 @@ def cmd_plot(args):
     print(f"wrote {out}")
 
 
+def cmd_table(args):
+    from .training import history_markdown, load_run
+    print(history_markdown(load_run(args.run)), end="")
+
+
 def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
@@ -288,6 +300,8 @@ def main(argv=None):
         elif args.command == "sweep":
             from .sweep import main as sweep_main
             return sweep_main(args.spec, args.scheduler, args.workers, args.report)
+        elif args.command == "table":
+            cmd_table(args)
         else:
             cmd_plot(args)
     except UsageError as exc:

@@ -4,6 +4,7 @@ Files written into the run folder, each atomically (temporary file, then rename)
 for RSO after every layer pass, with the position in the round, so that a stopped run loses at most the
 layer pass it was in):
 ``history.json`` and ``history.csv`` (one record per round, round 0 being the initial network),
+``history.md`` (the same as a Markdown table, ``history_markdown``; ``python -m rso_np table DIR`` prints it),
 ``loss.png`` (loss per round, with an accuracy panel) and ``checkpoint.npz`` (weights, optimiser state,
 the random generator's state, the history and the run's settings). A run resumed from its checkpoint
 ends with the same weights as one that was never stopped.
@@ -301,9 +302,33 @@ class Trainer:
         w.writeheader()
         w.writerows(self.history)
         atomic_write_text(self.out / "history.csv", buf.getvalue())
+        atomic_write_text(self.out / "history.md", history_markdown(meta))
         label = f"{self.config.optimizer.upper()} {self.config.model}"
         plot_runs([{"label": label, "optimizer": self.config.optimizer, "history": self.history}],
                   self.out / "loss.png", title=f"{label} on {self.config.dataset}")
+
+
+def history_markdown(meta):
+    """The history of a run (a history.json's contents) as a Markdown table, one row per round: losses,
+    accuracies, the best test accuracy so far (after any round, or any layer pass where the run evaluated
+    after each), for RSO the accepted share, and the seconds."""
+    rso, hist = meta["optimizer"] == "rso", meta["history"]
+    per_pass = any(r.get("passes") for r in hist)
+    cols = ["round" if rso else "epoch", "train loss", "train acc", "test loss", "test acc",
+            "best so far (per layer pass)" if per_pass else "best so far"] + (["accepted"] if rso else []) + ["seconds"]
+    pct = lambda v: f"{100 * v:.2f}%"
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
+    best = None
+    for r in hist:
+        seen = [r["test_acc"]] + [p["test_acc"] for p in r.get("passes", ())]
+        best = max(seen + ([] if best is None else [best]))
+        cells = [str(r["round"]), f"{r['train_loss']:.4f}", pct(r["train_acc"]), f"{r['test_loss']:.4f}",
+                 pct(r["test_acc"]), pct(best)]
+        if rso:
+            cells.append("" if r.get("accepted") is None else f"{100 * r['accepted']:.1f}%")
+        cells.append(f"{r['seconds']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def load_run(path):

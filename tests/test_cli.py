@@ -16,6 +16,7 @@ from .test_data import fake_checksums, write_set
 
 MNIST = mnist_dir("mnist")
 needs_mnist = pytest.mark.skipif(MNIST is None, reason="real MNIST files not found ($RSO_NP_DATA or ../shared/data)")
+RUN_FILES = ["checkpoint.npz", "history.csv", "history.json", "history.md", "loss.png"]
 SMALL = ["--train-limit", "200", "--test-limit", "100", "--eval-train-limit", "100", "--no-progress"]
 
 
@@ -34,7 +35,7 @@ def test_train_rso_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert any(l.split("|")[0].strip() == "2" for l in lines if "|" in l), r.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "history.csv", "history.json", "loss.png"]
+    assert sorted(p.name for p in out.iterdir()) == RUN_FILES
     meta = json.loads((out / "history.json").read_text())
     h = meta["history"]
     assert [r["round"] for r in h] == [0, 1, 2]
@@ -42,6 +43,10 @@ def test_train_rso_end_to_end(tmp_path):
     assert sum(h[1]["counts"]["fc.weight"]) == 3920, "every fc weight tried once"
     assert (out / "history.csv").read_text().splitlines()[0].startswith("round,train_loss,train_acc")
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    table = (out / "history.md").read_text().splitlines()
+    assert table[0] == "| round | train loss | train acc | test loss | test acc | best so far | accepted | seconds |"
+    assert [l.split("|")[1].strip() for l in table[2:]] == ["0", "1", "2"]
+    assert table[3].split("|")[5].strip() == f"{100 * h[1]['test_acc']:.2f}%"
 
 
 @needs_mnist
@@ -81,6 +86,10 @@ def test_sgd_and_plot_overlay(tmp_path, capsys):
         assert (tmp_path / f"cmp-{x}.png").read_bytes()[:4] == b"\x89PNG"
     sgd = json.loads((tmp_path / "sgd" / "history.json").read_text())["history"]
     assert sgd[1]["weight_updates"] == 200 // 16 + 1
+    code, out, err = run_cli(["table", str(tmp_path / "sgd")], capsys)
+    assert code == 0, err
+    assert out.splitlines()[0] == "| epoch | train loss | train acc | test loss | test acc | best so far | seconds |"
+    assert out == (tmp_path / "sgd" / "history.md").read_text()
 
 
 def assert_one_line_error(code, err, *needles):
@@ -195,11 +204,13 @@ def test_checkpoint_other_model_or_corrupt(capsys, tmp_path, fake_mnist):
     code, _, err = run_cli([*base, "--resume"], capsys)
     assert_one_line_error(code, err, "checkpoint.npz", "corrupt or truncated")
     assert (out / "history.json").read_text() == before, "failed runs leave the folder as it was"
-    assert sorted(x.name for x in out.iterdir()) == ["checkpoint.npz", "history.csv", "history.json", "loss.png"]
+    assert sorted(x.name for x in out.iterdir()) == RUN_FILES
 
 
 def test_plot_bad_run_folder(capsys, tmp_path):
     code, _, err = run_cli(["plot", str(tmp_path), "--out", str(tmp_path / "x.png")], capsys)
+    assert_one_line_error(code, err, "history.json: no such file")
+    code, _, err = run_cli(["table", str(tmp_path)], capsys)
     assert_one_line_error(code, err, "history.json: no such file")
 
 
