@@ -147,7 +147,8 @@ class Trainer:
                                  global_pool=config.global_pool).to(self.xp)
         self.rng = np.random.default_rng(config.seed + 1)   # the model's initialisation used `seed`
         self.history = []
-        self.position = None    # within a round: {"round", "passes_done", "counts", "passes", "seconds", "perm_state"}
+        self.position = None    # within a round: {"round", "passes_done", "counts", "passes", "seconds",
+        #                         "pass_seconds", "perm_state"}
         sigmas = None
         if ckpt is not None:
             try:
@@ -202,7 +203,9 @@ class Trainer:
         logs have it; a checkpoint with the position in the round. Neither is counted in the round's
         seconds."""
         synchronize(self.xp)
-        self._seconds += time.perf_counter() - self._t
+        took = time.perf_counter() - self._t
+        self._seconds += took
+        self._pass_seconds[unit.name] = took
         self._counts[unit.name] = [int((picked == k).sum()) for k in (PLUS, KEEP, MINUS)]
         if self.config.eval_each_pass:
             self._set_eval_stats()
@@ -214,15 +217,18 @@ class Trainer:
         if i + 1 < len(self.opt.units):               # the last pass: the round's own checkpoint follows
             self.position = {"round": self._round, "passes_done": i + 1, "counts": self._counts,
                              "passes": self._passes, "seconds": self._seconds,
+                             "pass_seconds": self._pass_seconds,
                              "perm_state": self.opt._perm_state}
             self.save()
         self._t = time.perf_counter()
 
-    def _record(self, rnd, seconds, accepted, counts, updates, passes=None):
+    def _record(self, rnd, seconds, accepted, counts, updates, passes=None, pass_seconds=None):
         rec = {"round": rnd, **self._evaluate(), "accepted": accepted, "seconds": seconds,
                "weight_updates": updates}
         if counts is not None:
             rec["counts"] = counts
+        if pass_seconds:
+            rec["pass_seconds"] = pass_seconds
         if passes:
             rec["passes"] = passes
         self.history.append(rec)
@@ -264,20 +270,24 @@ class Trainer:
                 synchronize(self.xp)
                 seconds, counts, accepted = time.perf_counter() - t, None, None
                 updates = rnd * self.opt.steps_per_epoch()
-            rec = self._record(rnd, seconds, accepted, counts, updates,
-                               self._passes if cfg.optimizer == "rso" else None)
+            rso = cfg.optimizer == "rso"
+            rec = self._record(rnd, seconds, accepted, counts, updates, self._passes if rso else None,
+                               self._pass_seconds if rso else None)
             self.position = None
             self.log(self.row(rec))
             self.save()
         return self.history
 
     def _rso_round(self, rnd):
-        """Round rnd of RSO, from where a stopped run left it: (seconds searching, counts per unit)."""
+        """Round rnd of RSO, from where a stopped run left it: (seconds searching, counts per unit); the
+        seconds of each layer pass (its store pass and trials, not the evaluation after it) are left in
+        ``self._pass_seconds``."""
         pos = self.position if self.position and self.position["round"] == rnd else None
         start = pos["passes_done"] if pos else 0
         self._passes = pos["passes"] if pos else []
         self._counts = pos["counts"] if pos else {}
         self._seconds = pos["seconds"] if pos else 0.0
+        self._pass_seconds = pos.get("pass_seconds", {}) if pos else {}
         if pos:
             self.log(f"      (round {rnd} resumed after {start} of {len(self.opt.units)} layer passes)")
             if pos.get("perm_state"):

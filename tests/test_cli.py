@@ -41,6 +41,8 @@ def test_train_rso_end_to_end(tmp_path):
     assert [r["round"] for r in h] == [0, 1, 2]
     assert h[2]["train_loss"] < h[0]["train_loss"], "two rounds of RSO lower the training loss"
     assert sum(h[1]["counts"]["fc.weight"]) == 3920, "every fc weight tried once"
+    assert set(h[1]["pass_seconds"]) == set(h[1]["counts"]), "the seconds of every layer pass"
+    assert 0 < sum(h[1]["pass_seconds"].values()) <= h[1]["seconds"]
     assert (out / "history.csv").read_text().splitlines()[0].startswith("round,train_loss,train_acc")
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     table = (out / "history.md").read_text().splitlines()

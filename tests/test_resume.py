@@ -53,6 +53,7 @@ def test_stopped_in_a_batch_norm_pass_resumes_bit_identical(tmp_path, monkeypatc
     pos = json.loads(str(ck["extra/position"]))
     assert pos["round"] == 1 and pos["passes_done"] == 2 and set(pos["counts"]) == {"fc.weight", "conv6.weight"}
     assert len(pos["passes"]) == 2 and pos["perm_state"] is not None
+    assert set(pos["pass_seconds"]) == {"fc.weight", "conv6.weight"}
     resumed = authors_run(tmp_path, "part", resume=True)
     assert resumed.position["passes_done"] == 2
     resumed.run()
@@ -66,6 +67,8 @@ def test_stopped_in_a_batch_norm_pass_resumes_bit_identical(tmp_path, monkeypatc
     assert [r["test_loss"] for r in ha] == [r["test_loss"] for r in hb]
     assert ha[1]["counts"] == hb[1]["counts"] and [p["test_acc"] for p in ha[1]["passes"]] == \
         [p["test_acc"] for p in hb[1]["passes"]]
+    assert set(hb[1]["pass_seconds"]) == set(hb[1]["counts"]), "the stopped passes' seconds come back"
+    assert hb[1]["pass_seconds"]["fc.weight"] == pos["pass_seconds"]["fc.weight"]
     assert json.loads(str(b["extra/position"])) is None
 
 
