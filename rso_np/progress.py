@@ -16,7 +16,8 @@ seconds per trial in it give the estimate for the next round ("left in the round
 trials left at the current layer's pace ("left at this pace"). The time between a layer's first trial
 and the last one of the layer before holds more than a trial (the evaluation after that pass, the store
 pass of the new layer's inputs): it counts as the new layer's setup, part of the next round's estimate
-but not of the layer's pace.
+but not of the layer's pace. A resumed run has seen no round in this process: ``remember`` gives it the
+pace of the last round recorded in its history (each layer pass's seconds, ``pass_seconds``).
 """
 
 import sys
@@ -131,7 +132,21 @@ class Progress:
             # the setup: the time before the first trial, less that trial at the layer's pace
             self.setup = {w: max(0.0, g - self.pace[w][1]) if g else 0.0
                           for w, (_, _, _, g) in self._round.items()}
-            self._after, later = {}, 0.0
-            for w, (n, per) in reversed(self.pace.items()):
-                self._after[w], later = later, later + n * per + self.setup[w]
+            self._sum_after()
         self.bar, self.what, self._round, self._last = None, None, {}, None
+
+    def remember(self, passes):
+        """The pace of a round seen before this process (a resumed run's last recorded round), used until
+        this process has seen a round whole: ``passes`` is [(layer, trials, seconds)] in search order,
+        the seconds of a pass counting its setup."""
+        if self.pace:
+            return
+        self.pace = {w: (n, t / n) for w, n, t in passes if n}
+        self.setup = {w: 0.0 for w in self.pace}
+        self._sum_after()
+
+    def _sum_after(self):
+        """_after[layer]: the seconds of the layers after it in the round seen (trials and setup)."""
+        self._after, later = {}, 0.0
+        for w, (n, per) in reversed(self.pace.items()):
+            self._after[w], later = later, later + n * per + self.setup[w]

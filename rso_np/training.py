@@ -159,6 +159,10 @@ class Trainer:
             self.history = json.loads(str(ckpt["extra/history"]))
             sigmas = json.loads(str(ckpt["extra/sigmas"]))
             self.position = json.loads(str(ckpt["extra/position"])) if "extra/position" in ckpt else None
+            seen = [r for r in self.history if r.get("pass_seconds")]
+            if seen and config.optimizer == "rso" and hasattr(progress, "remember"):
+                last = seen[-1]                         # the time left in a round, from the last one recorded
+                progress.remember([(w, sum(last["counts"].get(w, ())), t) for w, t in last["pass_seconds"].items()])
         if config.optimizer == "rso":
             if config.engine not in ENGINES:
                 raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {config.engine!r}")

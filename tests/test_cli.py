@@ -285,6 +285,28 @@ def test_progress_setup_before_a_layer_is_not_its_pace(monkeypatch):
     assert buf.getvalue().splitlines()[-1].split(", ")[-1] == "10:03 left in the round", buf.getvalue()
 
 
+def test_progress_remembers_a_recorded_round(monkeypatch):
+    """``remember``: the pace of a round recorded before (a resumed run) gives the time left from the
+    first trial; a round seen in this process replaces it, and a second ``remember`` changes nothing."""
+    import io
+
+    import tqdm.std
+    from rso_np.progress import Progress
+    now = [0.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: now[0])
+    buf = io.StringIO()
+    bar = Progress(stream=buf, log_every=0)
+    bar.remember([("fc", 4, 4.0), ("conv", 2, 20.0)])
+    bar(1, 6, "fc")
+    assert buf.getvalue().splitlines()[-1].endswith("00:23 left in the round"), buf.getvalue()   # 3 x 1 s + 20 s
+    for t, done, what in [(1, 2, "fc"), (2, 3, "fc"), (3, 4, "fc"), (5, 5, "conv"), (7, 6, "conv")]:
+        now[0] = t
+        bar(done, 6, what)
+    assert bar.pace == {"fc": (4, 1.0), "conv": (2, 2.0)}, "the round seen here"
+    bar.remember([("fc", 4, 400.0)])
+    assert bar.pace == {"fc": (4, 1.0), "conv": (2, 2.0)}
+
+
 def test_progress_time_left_by_layer(monkeypatch):
     """In a round after one seen whole, the time left is each layer's pace in that round times its trials
     still to come (a slow layer ahead counts as slow); in the first round, the current layer's pace."""

@@ -26,8 +26,9 @@ def small_bn(monkeypatch):
                         paper_mnist(True, seed, channels=4, bn_eps=bn_eps, global_pool=global_pool or "avg"))
 
 
-def authors_run(tmp_path, name, stop_at=None, resume=False):
-    """The authors' configuration on 200 images; ``stop_at``: Ctrl-C at that trial of the round."""
+def authors_run(tmp_path, name, stop_at=None, resume=False, hook=None):
+    """The authors' configuration on 200 images; ``stop_at``: Ctrl-C at that trial of the round; ``hook``: a
+    progress hook instead."""
     from rso_np.data import load_dataset
     data = load_dataset("mnist", data_dir=MNIST, train_limit=200, test_limit=100, log=None, normalize="center")
     cfg = RunConfig(model="paper_mnist_bn", rounds=1, bn_eps=1e-3, normalize="center", eval_bn_stats="reference",
@@ -38,7 +39,7 @@ def authors_run(tmp_path, name, stop_at=None, resume=False):
         if done == stop_at:
             raise KeyboardInterrupt
     return Trainer(cfg, tmp_path / name, data=data, resume=resume, log=lambda s: None,
-                   progress=progress if stop_at else None)
+                   progress=progress if stop_at else hook)
 
 
 @needs_mnist
@@ -70,6 +71,25 @@ def test_stopped_in_a_batch_norm_pass_resumes_bit_identical(tmp_path, monkeypatc
     assert set(hb[1]["pass_seconds"]) == set(hb[1]["counts"]), "the stopped passes' seconds come back"
     assert hb[1]["pass_seconds"]["fc.weight"] == pos["pass_seconds"]["fc.weight"]
     assert json.loads(str(b["extra/position"])) is None
+
+
+@needs_mnist
+def test_resumed_run_estimates_the_round_from_the_last_one(tmp_path, monkeypatch):
+    """A resumed run's progress starts with the pace of the last round recorded (each pass's seconds over
+    its trials): the time left in the round shows from the first trial, not only after a round here."""
+    import io
+
+    from rso_np.progress import Progress
+    small_bn(monkeypatch)
+    authors_run(tmp_path, "run").run()
+    rec = json.loads((tmp_path / "run" / "history.json").read_text())["history"][1]
+    bar = Progress(stream=io.StringIO(), log_every=0)
+    authors_run(tmp_path, "run", resume=True, hook=bar)
+    assert list(bar.pace) == list(rec["counts"]), "every layer, in search order"
+    for w, (n, per) in bar.pace.items():
+        assert n == sum(rec["counts"][w]) and per == pytest.approx(rec["pass_seconds"][w] / n)
+    bar(1, sum(n for n, _ in bar.pace.values()), "fc.weight")
+    assert "left in the round" in bar.stream.getvalue()
 
 
 @needs_mnist
