@@ -170,6 +170,9 @@ def build_parser():
     pl.add_argument("--x", choices=("rounds", "updates"), default="rounds",
                     help="x-axis: rounds/epochs, or weight updates (the paper's comparison)")
     pl.add_argument("--title", help="figure title")
+    pl.add_argument("--label", action="append", metavar="TEXT",
+                    help="a run's name in the legend, once per DIR in their order (default: optimiser and model, "
+                         "and the folder's name where two runs would share one)")
 
     tb = sub.add_parser("table", help="print a run's history as a Markdown table (one row per round)",
                         description="Print the history of a run folder written by 'train' as a Markdown "
@@ -275,11 +278,20 @@ def cmd_train(args):
 def cmd_plot(args):
     from .plotting import plot_runs
     from .training import load_run
+    if args.label is not None and len(args.label) != len(args.runs):
+        raise UsageError(f"{PROG} plot: error: --label: given {len(args.label)} times for {len(args.runs)} runs "
+                         "(one per DIR, in their order)")
     runs = []
     for d in args.runs:
         meta = load_run(d)
         runs.append({"label": f"{meta['optimizer'].upper()} {meta['model']}", "optimizer": meta["optimizer"],
                      "history": meta["history"]})
+    defaults = [r["label"] for r in runs]
+    for i, (run, d) in enumerate(zip(runs, args.runs)):
+        if args.label is not None:
+            run["label"] = args.label[i]
+        elif defaults.count(run["label"]) > 1:             # same optimiser and model: tell them apart
+            run["label"] += f" ({Path(d).resolve().name})"
     out = Path(args.out)
     if not out.parent.exists():
         raise OSError(f"--out {out}: folder {out.parent} does not exist")

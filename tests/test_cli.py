@@ -88,6 +88,9 @@ def test_sgd_and_plot_overlay(tmp_path, capsys):
         assert (tmp_path / f"cmp-{x}.png").read_bytes()[:4] == b"\x89PNG"
     sgd = json.loads((tmp_path / "sgd" / "history.json").read_text())["history"]
     assert sgd[1]["weight_updates"] == 200 // 16 + 1
+    code, _, err = run_cli(["plot", str(tmp_path / "rso"), str(tmp_path / "sgd"), "--label", "only one",
+                            "--out", str(tmp_path / "x.png")], capsys)
+    assert_one_line_error(code, err, "--label: given 1 times for 2 runs")
     code, out, err = run_cli(["table", str(tmp_path / "sgd")], capsys)
     assert code == 0, err
     assert out.splitlines()[0] == "| epoch | train loss | train acc | test loss | test acc | best so far | seconds |"
@@ -207,6 +210,25 @@ def test_checkpoint_other_model_or_corrupt(capsys, tmp_path, fake_mnist):
     assert_one_line_error(code, err, "checkpoint.npz", "corrupt or truncated")
     assert (out / "history.json").read_text() == before, "failed runs leave the folder as it was"
     assert sorted(x.name for x in out.iterdir()) == RUN_FILES
+
+
+def test_plot_labels(tmp_path, monkeypatch):
+    """Runs of the same optimiser and model get their folder's name in the legend; --label names them."""
+    from rso_np import cli
+    seen = []
+    monkeypatch.setattr("rso_np.plotting.plot_runs",
+                        lambda runs, out, x, title: seen.append([r["label"] for r in runs]))
+    rec = {"round": 0, "train_loss": 1.0, "train_acc": 0.1, "test_loss": 1.0, "test_acc": 0.1, "accepted": None,
+           "seconds": 0.0, "weight_updates": 0}
+    for name, model in (("seed0", "small_mnist"), ("seed1", "small_mnist"), ("other", "paper_mnist")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "history.json").write_text(json.dumps({"optimizer": "rso", "model": model,
+                                                                  "history": [rec]}))
+    runs = [str(tmp_path / n) for n in ("seed0", "seed1", "other")]
+    assert cli.main(["plot", *runs, "--out", str(tmp_path / "a.png")]) == 0
+    labels = ["--label", "a", "--label", "b", "--label", "c"]
+    assert cli.main(["plot", *runs, "--out", str(tmp_path / "b.png"), *labels]) == 0
+    assert seen == [["RSO small_mnist (seed0)", "RSO small_mnist (seed1)", "RSO paper_mnist"], ["a", "b", "c"]]
 
 
 def test_plot_bad_run_folder(capsys, tmp_path):
