@@ -1,4 +1,4 @@
-"""The benchmark scripts start: each one's --help, and the prepared GPU check's dry run."""
+"""The benchmark scripts start: each one's --help, and the prepared GPU check's dry run; what they count."""
 
 import os
 import subprocess
@@ -137,3 +137,25 @@ def test_trial_flops_counts(tmp_path):
     assert "ratio 20.0x" in out.stdout and "(2.00x faster than measured)" in out.stdout, out.stdout
     bad = run([sys.executable, "benchmarks/trial_flops.py", "--bench", str(tmp_path / "missing.json")])
     assert bad.returncode != 0 and "missing.json" in bad.stderr
+
+
+def test_bench_rso_times_a_pass_first_trial_apart():
+    """bench_rso.py times the first trial of a layer pass apart from the others (it makes the arrays the
+    others reuse) and estimates the pass as it runs: setup, the first trial once, the rest at their pace."""
+    import numpy as np
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_rso
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from rso_np.rso import RSOConfig
+    from rso_np.rso_fast import FastRSO
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((256, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, 256)
+    cfg = RSOConfig(batch_size=32, minibatches="chunks")
+    time_layer, names = bench_rso.engine_timer(FastRSO, "small_mnist", x, y, cfg, np)
+    r = time_layer("conv1.weight", 4)
+    assert r["trials_timed"] >= 4 and r["first_trial_s"] > 0 and r["s_per_trial"] > 0
+    layers = {"a": {"weights": 10, "s_per_trial": 1.0, "first_trial_s": 5.0, "setup_s": 2.0},
+              "b": {"weights": 3, "s_per_trial": 2.0, "setup_s": 0.5}}          # a GPU's: no first trial apart
+    assert bench_rso.round_seconds(layers) == (2 + 5 + 9 * 1) + (0.5 + 3 * 2)
