@@ -346,7 +346,7 @@ def history_markdown(meta):
 
 
 def load_run(path):
-    """The history.json of a run folder (or the file itself), for ``plot``."""
+    """The history.json of a run folder (or the file itself), for ``plot`` and ``table``."""
     p = Path(path)
     f = p / "history.json" if p.is_dir() else p
     try:
