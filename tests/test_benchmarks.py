@@ -1,5 +1,6 @@
 """The benchmark scripts start: each one's --help, and the prepared GPU check's dry run; what they count."""
 
+import json
 import os
 import subprocess
 import sys
@@ -159,3 +160,28 @@ def test_bench_rso_times_a_pass_first_trial_apart():
     layers = {"a": {"weights": 10, "s_per_trial": 1.0, "first_trial_s": 5.0, "setup_s": 2.0},
               "b": {"weights": 3, "s_per_trial": 2.0, "setup_s": 0.5}}          # a GPU's: no first trial apart
     assert bench_rso.round_seconds(layers) == (2 + 5 + 9 * 1) + (0.5 + 3 * 2)
+
+
+def test_bench_vs_run(tmp_path):
+    """bench_vs_run.py sets each layer's estimated pass (setup, first trial, the rest at their pace) beside
+    the seconds a run measured for it, and the rounds' totals."""
+    bench = {"engines": {"fast": {"layers": {
+        "fc.weight": {"weights": 11, "s_per_trial": 1.0, "first_trial_s": 3.0, "setup_s": 2.0},   # 2 + 3 + 10
+        "conv1.weight": {"weights": 4, "s_per_trial": 5.0, "setup_s": 0.0}}}}}                   # 20
+    history = {"history": [{"round": 0}, {"round": 1, "pass_seconds": {"fc.weight": 30.0, "conv1.weight": 10.0}},
+                           {"round": 2, "pass_seconds": {"fc.weight": 15.0, "conv1.weight": 25.0}}]}
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "history.json").write_text(json.dumps(history))
+    r = run([sys.executable, "benchmarks/bench_vs_run.py", str(tmp_path / "bench.json"), str(tmp_path / "run")])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "round 2" in lines[0]
+    assert lines[2] == "| fc.weight | 15.0 | 15.0 | 1.00 |" and lines[3] == "| conv1.weight | 20.0 | 25.0 | 0.80 |"
+    assert lines[4] == "| **round** | **35** | **40** | **0.88** |"
+    r = run([sys.executable, "benchmarks/bench_vs_run.py", str(tmp_path / "bench.json"), str(tmp_path / "run"),
+             "--round", "1"])
+    assert r.stdout.splitlines()[-1] == "| **round** | **35** | **40** | **0.88** |"
+    r = run([sys.executable, "benchmarks/bench_vs_run.py", str(tmp_path / "bench.json"), str(tmp_path / "run"),
+             "--round", "0"])
+    assert r.returncode == 2 and "round 0: not in the run, or without pass_seconds" in r.stderr
