@@ -13,6 +13,7 @@ here                                        equals
 ``conv_global_avg(x, W, b, stride, pad)``   ``functional.global_avg_pool2d(functional.conv2d(...))``
 ``bn_global_avg(x, gamma, beta, eps)``      ``functional.global_avg_pool2d(functional.batch_norm2d(...))``
 ``global_max(x)``                           ``functional.global_max_pool2d``, bit for bit
+``bn_global_max(x, gamma, beta, eps)``      ``global_max(batch_norm(...))``, bit for bit (zeros' signs aside)
 ``batch_norm``, ``bn_scale_shift``,         ``functional.batch_norm2d`` with each group's statistics
 ``candidates_bn_scale_shift``               (the last: of the candidates' batch, never made)
 ``Staged`` (``staged_rows``, ``staged_relu``,  the array it stands for (``acts[rows]``, ``relu(y)``,
@@ -546,14 +547,52 @@ def global_max(x):
     (contiguous rows of C values), where NumPy's ``max`` over the pixel axes of this layout runs an inner
     loop of C elements per pixel and takes about three times as long."""
     N, C, H, W = x.shape
-    a = x.transpose(0, 2, 3, 1).reshape(N, H * W, C)
+    return _tree(x.transpose(0, 2, 3, 1).reshape(N, H * W, C), np.maximum)
+
+
+def _tree(a, op):
+    """op (np.maximum, np.minimum) over axis 1 of a (n, P, C): a tree of op of the two halves, (n, C)."""
     while a.shape[1] > 1:
         h = a.shape[1] // 2
-        out = np.maximum(a[:, :h], a[:, h:2 * h])
+        out = op(a[:, :h], a[:, h:2 * h])
         if a.shape[1] % 2:                                 # the odd pixel out joins the first
-            np.maximum(out[:, 0], a[:, 2 * h], out=out[:, 0])
+            op(out[:, 0], a[:, 2 * h], out=out[:, 0])
         a = out
     return a[:, 0]
+
+
+def bn_global_max(x, gamma, beta, eps, groups=1):
+    """global_max_pool2d(batch_norm(x_g)) with the batch statistics of each of ``groups`` consecutive
+    equal blocks x_g of x (NumPy, channels-last): (N, C), the numbers of ``global_max(batch_norm(...))``
+    without the normalised images.
+
+    ``batch_norm`` maps a pixel v of channel c to fl(fl(v * scale_c) + shift_c), and float rounding is
+    monotone: where scale_c > 0 the largest normalised pixel is the normalised largest pixel, where
+    scale_c < 0 the normalised smallest. So only the maxima (and, for a channel with a negative scale,
+    the minima) of x are taken, image by image on every core inside ``parallel_cpu()``, and normalised.
+    Equal to the long way bit for bit, up to the sign of a zero (which compares equal); a scale of
+    exactly 0 takes the long way."""
+    N, C, H, W = x.shape
+    scale, shift = bn_scale_shift(x, gamma, beta, eps, groups)
+    if not scale.all():
+        return global_max(batch_norm(x, gamma, beta, eps, groups))
+    negative = scale < 0                                   # (groups, C)
+    a = x.transpose(0, 2, 3, 1).reshape(N, H * W, C)
+    hi = np.empty((N, C), dtype=x.dtype)
+    lo = np.empty((N, C), dtype=x.dtype) if negative.any() else None
+
+    def work(blocks):
+        for s, e in blocks:
+            hi[s:e] = _tree(a[s:e], np.maximum)
+            if lo is not None:
+                lo[s:e] = _tree(a[s:e], np.minimum)
+    _run_split(N, max(1, CONV_BLOCK_BYTES // (H * W * C * x.dtype.itemsize)), work)
+    m = hi.reshape(groups, -1, C)
+    if lo is not None:
+        m = np.where(negative[:, None], lo.reshape(groups, -1, C), m)
+    out = m * scale[:, None]
+    out += shift[:, None]
+    return out.reshape(N, C)
 
 
 def staged_bn_relu(x, scale, shift):

@@ -27,7 +27,9 @@ each a named step below:
    convolution (``fast_kernels.conv_avg_pool``), and a convolution followed by global average pooling is
    one dense layer (``fast_kernels.conv_global_avg``). Batch norm is affine per channel once its
    statistics are known, so global average pooling after it is batch norm of the pooled channels
-   (``fast_kernels.bn_global_avg``).
+   (``fast_kernels.bn_global_avg``), and global max pooling after it is batch norm of each channel's
+   maximum, or minimum where its scale is negative (``fast_kernels.bn_global_max``: the map is monotone,
+   and so is float rounding).
 6. Decisions stay on the device (``FastRSO.search_unit``): all draws of a layer are made up front on the
    host (the same calls, in the same order, as the literal engine), the candidates, the choice and the
    weight update are device operations, so a GPU run does not wait for the host on every trial.
@@ -63,6 +65,7 @@ from .fast_kernels import (
     Workspace,
     batch_norm,
     bn_global_avg,
+    bn_global_max,
     bn_scale_shift,
     candidates_bn_scale_shift,
     channels_last,
@@ -90,6 +93,7 @@ KEPT = True         # with chunked minibatches, keep per chunk what one output c
 KEPT_VISITS = 2
 PER_CHUNK = True    # with the minibatch's batch-norm statistics and chunks, store the searched layer's input per chunk (8.)
 GLOBAL_MAX = True   # on the CPU, global max pooling of a channels-last array as a tree of maxima (fast_kernels.global_max)
+BN_GLOBAL_MAX = True  # on the CPU, batch norm then global max pooling from each channel's extremes (5., bn_global_max)
 PER_CHANNEL = (ReLU, MaxPool2d, AvgPool2d, BatchNorm2d, GlobalAvgPool2d, GlobalMaxPool2d, Flatten)
 MIXING = (Conv2d, Dense)
 
@@ -182,6 +186,11 @@ def forward_grouped(layers, x, groups=1, ws=None):
               and isinstance(layers[i + 1], GlobalAvgPool2d) and channels_last(x)):
             # global pooling after batch norm: batch norm of the pooled channels (it is affine per channel)
             x = bn_global_avg(x, layer.params["weight"], layer.params["bias"], layer.eps, groups)
+            i += 2
+        elif (isinstance(layer, BatchNorm2d) and layer.training and i + 1 < len(layers)
+              and isinstance(layers[i + 1], GlobalMaxPool2d) and BN_GLOBAL_MAX and channels_last(x)):
+            # global max pooling after batch norm: batch norm of each channel's maximum (or minimum)
+            x = bn_global_max(x, layer.params["weight"], layer.params["bias"], layer.eps, groups)
             i += 2
         elif isinstance(layer, GlobalMaxPool2d) and GLOBAL_MAX and channels_last(x):
             x = global_max(x)                          # the same maxima, in a third of the time

@@ -177,6 +177,34 @@ def test_bn_global_avg_vs_reference(groups):
     assert np.abs(got - ref).max() < 1e-5 and np.abs(got - exact.reshape(-1, C)).max() < 1e-5
 
 
+@pytest.mark.parametrize("groups,H,W", [(1, 7, 7), (3, 7, 7), (2, 1, 1), (3, 2, 3), (1, 5, 4)])
+def test_bn_global_max_bit_for_bit(groups, H, W, monkeypatch):
+    """Global max pooling after batch norm (each group's statistics), from each channel's maxima, or minima
+    where its scale is negative: the numbers of global_max(batch_norm(...)) bit for bit, on every core and
+    serially; against functional.batch_norm2d then global_max_pool2d, and a float64 formula."""
+    rng = np.random.default_rng(9)
+    B, C = 40, 6
+    x = (rng.standard_normal((groups * B, H, W, C)) * 3).astype(np.float32).transpose(0, 3, 1, 2)
+    g = np.array([1.5, -0.7, 0.2, -2.0, 1.0, 0.9], dtype=np.float32)     # negative scales: the minima
+    b = rng.standard_normal(C).astype(np.float32)
+    long_way = FK.global_max(FK.batch_norm(x, g, b, 1e-3, groups))
+    serial = FK.bn_global_max(x, g, b, 1e-3, groups)
+    monkeypatch.setattr(FK, "CONV_BLOCK_BYTES", 7 * H * W * C * 4)      # blocks of 7 images, shared out
+    with FK.parallel_cpu():
+        got = FK.bn_global_max(x, g, b, 1e-3, groups)
+    assert got.shape == (groups * B, C) and got.dtype == np.float32
+    assert np.array_equal(got, long_way) and np.array_equal(serial, long_way)
+    ref = np.concatenate([F.global_max_pool2d(F.batch_norm2d(x[k * B:(k + 1) * B], g, b, eps=1e-3)[0])
+                          for k in range(groups)])
+    x64 = x.astype(np.float64).reshape(groups, B, C, H, W)
+    m, v = x64.mean(axis=(1, 3, 4), keepdims=True), x64.var(axis=(1, 3, 4), keepdims=True)
+    exact = ((x64 - m) / np.sqrt(v + 1e-3) * g[:, None, None] + b[:, None, None]).max(axis=(3, 4))
+    assert np.abs(got - ref).max() < 1e-5 and np.abs(got - exact.reshape(-1, C)).max() < 1e-5
+    g[2] = 0                                               # a zero scale: the long way, the same numbers
+    long_way = FK.global_max(FK.batch_norm(x, g, b, 1e-3, groups))
+    assert np.array_equal(FK.bn_global_max(x, g, b, 1e-3, groups), long_way)
+
+
 @pytest.mark.parametrize("H,W", [(7, 7), (1, 1), (2, 3), (5, 4)])
 def test_global_max_bit_for_bit(H, W):
     """Global max pooling of a channels-last array as a tree of maxima: functional.global_max_pool2d's

@@ -123,6 +123,29 @@ def test_kept_channels_match_literal(monkeypatch):
     assert used["first"] + used["updated"] < trials
 
 
+def test_bn_global_max_matches_literal(monkeypatch):
+    """Shortcut 5's batch norm then global max pooling from each channel's extremes is what the authors'
+    network (global max pooling after its last batch norm) runs, its minima too (bn6's scale starts
+    negative in two channels), and the trials make the literal engine's decisions."""
+    calls = {"n": 0, "negative": 0}
+    real = rso_fast.bn_global_max
+
+    def counted(x, gamma, beta, eps, groups=1):
+        calls["n"] += 1
+        calls["negative"] += bool((gamma < 0).any())
+        return real(x, gamma, beta, eps, groups)
+
+    def build():
+        model = paper_mnist(batch_norm=True, channels=4, bn_eps=1e-3, global_pool="max")
+        gamma = model.parameters()["bn6.weight"]
+        gamma[:2] = -gamma[:2]
+        return model
+
+    monkeypatch.setattr(rso_fast, "bn_global_max", counted)
+    compare(np, build, 14, monkeypatch=monkeypatch, **dict(AUTHORS, bn_reference_images=100))
+    assert calls["n"] > 500 and calls["negative"] > 500, calls
+
+
 def test_per_chunk_inputs_match_literal(monkeypatch):
     """Shortcut 8 (per-chunk stored inputs) is what feeds every pass after the first batch norm with the
     minibatch's statistics and chunks, and the trials make the literal engine's decisions; with
