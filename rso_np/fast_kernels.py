@@ -16,6 +16,7 @@ here                                        equals
 ``bn_global_max(x, gamma, beta, eps)``      ``global_max(batch_norm(...))``, bit for bit (zeros' signs aside)
 ``batch_norm``, ``bn_scale_shift``,         ``functional.batch_norm2d`` with each group's statistics
 ``candidates_bn_scale_shift``               (the last: of the candidates' batch, never made)
+``gather_channels(acts, rows, channels)``   ``acts[rows][:, channels]``
 ``Staged`` (``staged_rows``, ``staged_relu``,  the array it stands for (``acts[rows]``, ``relu(y)``,
 ``staged_candidates``)                      the 3B batch of candidates)
 ==========================================  =========================================================
@@ -230,6 +231,23 @@ def staged_rows(acts, rows, channel=None, into=None):
         if channel is not None:
             into[s:e] = dst[..., channel]
     return Staged(fill, (len(rows),) + acts.shape[1:], acts.dtype)
+
+
+def gather_channels(acts, rows, channels, ws=None, key=None):
+    """``acts[rows][:, channels]`` (acts: a stored activation (N, C, H, W)): (B, len(channels), H, W), a
+    block of images at a time on every core inside ``parallel_cpu()`` (reading a few channels of a
+    channels-last store is a strided walk over all of it, bound by memory latency), into a Workspace
+    array when ``ws`` and ``key`` are given."""
+    shape = (len(rows), len(channels)) + acts.shape[2:]
+    out = _take(ws, key, shape, acts.dtype)
+    out = np.empty(shape, dtype=acts.dtype) if out is None else out
+    channels = np.asarray(channels)
+
+    def work(blocks):
+        for s, e in blocks:
+            out[s:e] = acts[rows[s:e, None], channels]
+    _run_split(len(rows), 256, work)
+    return out
 
 
 def staged_candidates(y, dy, relu, bn=None):

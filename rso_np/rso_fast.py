@@ -72,6 +72,7 @@ from .fast_kernels import (
     conv2d,
     conv_avg_pool,
     conv_global_avg,
+    gather_channels,
     global_max,
     relu,
     staged_bn_relu,
@@ -829,7 +830,7 @@ class KeptChannels(ChannelDelta):
         entry = self.kept.get(key)
         pending = {} if entry is None else self._pending(entry[2])
         channels = sorted({c, *(np.unravel_index(t, self.shape[1:])[0] for t in pending)})
-        h = self.stored[rows[:, None], np.asarray(channels)]   # (B, len(channels), H, W): those channels only
+        h = gather_channels(self.stored, rows, channels, self.ws, "kept_h")   # (B, len(channels), H, W)
         if entry is None:
             entry = self.kept[key] = self._first_visit(rows)
         elif pending:

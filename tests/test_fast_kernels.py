@@ -220,6 +220,21 @@ def test_global_max_bit_for_bit(H, W):
     assert np.array_equal(got, loops, equal_nan=True)
 
 
+def test_gather_channels():
+    """A few channels of a minibatch of a stored (channels-last) activation, gathered a block of images at
+    a time on every core into a workspace array: acts[rows][:, channels] exactly."""
+    rng = np.random.default_rng(10)
+    acts = rng.standard_normal((1000, 4, 4, 5)).astype(np.float32).transpose(0, 3, 1, 2)
+    rows = rng.permutation(1000)[:600]                     # 3 blocks of images
+    ws = FK.Workspace()
+    for channels in ([2], [0, 3]):
+        with FK.parallel_cpu():
+            got = FK.gather_channels(acts, rows, channels, ws, "h")
+        assert np.array_equal(got, acts[rows][:, channels])
+        assert got is ws.get("h", (600, len(channels), 4, 4), np.float32)
+    assert np.array_equal(FK.gather_channels(acts, rows, [4]), acts[rows][:, [4]])
+
+
 def test_relu_bit_for_bit():
     """The ReLU of the staged kernels (maximum against an array of zeros) gives functional.relu's bits,
     NaN, infinities and -0.0 included."""
