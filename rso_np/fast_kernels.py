@@ -306,16 +306,21 @@ def _take(ws, key, shape, dtype):
 # --------------------------------------------------------------------------- convolution
 
 
-def conv2d(x, W, b=None, stride=1, padding=0, out=None, relu=False, ws=None, key=None):
-    """``functional.conv2d(x, W, b, stride, padding)``, followed by ReLU if ``relu``: (N, C_out, OH, OW).
+def conv2d(x, W, b=None, stride=1, padding=0, out=None, relu=False, ws=None, key=None, add=None):
+    """``functional.conv2d(x, W, b, stride, padding)``, plus ``add`` if given, followed by ReLU if
+    ``relu``: (N, C_out, OH, OW).
 
     x: an (N, C_in, H, W) array, or (NumPy) a ``Staged`` batch. ``out``: an (N, OH, OW, C_out) array to
     write the result into (the result is its NCHW view); ``ws``, ``key``: a ``Workspace`` and the name
-    of the array to write into instead. On CuPy this is ``functional.conv2d`` itself (the whole batch in
-    one product); on NumPy the product runs a block of images at a time (see ``_conv_blocks``).
+    of the array to write into instead. ``add``: an (N, C_out, OH, OW) array (channels-last in memory on
+    NumPy) added to each block of outputs while it is in the cache. On CuPy this is ``functional.conv2d``
+    itself (the whole batch in one product); on NumPy the product runs a block of images at a time (see
+    ``_conv_blocks``).
     """
     if get_array_module(W) is not np:
         y = F.conv2d(x.array() if isinstance(x, Staged) else x, W, b, stride, padding)
+        if add is not None:
+            y = y + add
         if relu:
             y = F.relu(y)
         if out is not None:
@@ -340,12 +345,15 @@ def conv2d(x, W, b=None, stride=1, padding=0, out=None, relu=False, ws=None, key
     Wm = np.ascontiguousarray(F.weight_matrix(W).T)        # (KH*KW*C_in, C_out)
     block = max(1, CONV_BLOCK_BYTES // (OH * OW * Wm.shape[0] * x.dtype.itemsize))
     bias = None if b is None else np.asarray(b, dtype=x.dtype)
+    if add is not None and (add.shape != (shape[0], C_out, OH, OW) or not channels_last(add)):
+        raise ValueError(f"add must be a channels-last array of shape {(shape[0], C_out, OH, OW)}, got {add.shape}")
+    add2 = None if add is None else add.transpose(0, 2, 3, 1).reshape(-1, C_out)
     _run_split(x.shape[0], block, lambda blocks: _conv_blocks(x, blocks, Wm, out, KH, KW, stride, padding,
-                                                              min(block, x.shape[0]), bias, relu))
+                                                              min(block, x.shape[0]), bias, relu, add2))
     return out.transpose(0, 3, 1, 2)
 
 
-def _conv_blocks(x, blocks, Wm, out, KH, KW, stride, padding, n, bias, relu):
+def _conv_blocks(x, blocks, Wm, out, KH, KW, stride, padding, n, bias, relu, add=None):
     """The blocks of images (start, stop) of ``conv2d`` of the Staged batch x into out (N, OH, OW, C_out);
     n: the largest block.
 
@@ -370,6 +378,8 @@ def _conv_blocks(x, blocks, Wm, out, KH, KW, stride, padding, n, bias, relu):
         np.matmul(patch_matrix(e - s), Wm, out=o)
         if bias is not None:
             o += bias
+        if add is not None:
+            o += add[s * rows:e * rows]
         if relu:
             _relu(o, o)
 
@@ -447,14 +457,15 @@ def conv_global_avg(x, W, b=None, stride=1, padding=0, ws=None, key=None):
     return out + b if b is not None else out
 
 
-def conv_avg_pool(x, W, b=None, padding=0, pool=2, pool_stride=None, ws=None, key=None, out=None, relu=False):
+def conv_avg_pool(x, W, b=None, padding=0, pool=2, pool_stride=None, ws=None, key=None, out=None, relu=False,
+                  add=None):
     """avg_pool2d(conv2d(x, W, b, 1, padding), pool, pool_stride) as one strided convolution.
 
     Both steps are linear: output (i, j) averages the convolution at rows i*ps + a, columns j*ps + c
     (a, c < pool), so it is one convolution of stride ps with the (KH + pool - 1) x (KW + pool - 1) kernel
     W' = sum over (a, c) of W shifted by (a, c), / pool^2. For a 3x3 kernel and 2x2 pooling that is 16
     taps per pooled output instead of 4 x 9, and no pooling pass. Same numbers up to float rounding.
-    ``out``, ``relu``, ``ws``, ``key``: as in ``conv2d``.
+    ``out``, ``relu``, ``ws``, ``key``, ``add``: as in ``conv2d``.
     """
     xp = get_array_module(W)
     ps = pool if pool_stride is None else pool_stride
@@ -463,7 +474,7 @@ def conv_avg_pool(x, W, b=None, padding=0, pool=2, pool_stride=None, ws=None, ke
     for a in range(pool):
         for c in range(pool):
             W2[:, :, a:a + KH, c:c + KW] += W
-    return conv2d(x, W2 * W.dtype.type(1.0 / (pool * pool)), b, ps, padding, out, relu, ws, key)
+    return conv2d(x, W2 * W.dtype.type(1.0 / (pool * pool)), b, ps, padding, out, relu, ws, key, add)
 
 
 # --------------------------------------------------------------------------- batch norm

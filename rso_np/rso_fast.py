@@ -138,13 +138,13 @@ def block_size(layers, i):
     return 1 if _folded_pool(layers, i) is None else 2
 
 
-def conv_block(layers, i, x, in_channels=None, ws=None, out=None, relu=False, weight=None):
+def conv_block(layers, i, x, in_channels=None, ws=None, out=None, relu=False, weight=None, add=None):
     """Conv layers[i] with the average pooling right after it folded in, applied to x (an array, or a
     ``Staged`` batch on the CPU). ``in_channels``: only that slice of the input channels (no bias), for a
     change that lives in those channels. ``weight``: this kernel in place of the layer's (no bias; the
     layer's stride, padding and pooling). ``ws``: a ``Workspace`` to take the output from; ``out``: an
-    (N, OH, OW, C_out) array to write it into and ``relu``: ReLU applied to it (with ``out`` and ``relu``:
-    not for global average pooling)."""
+    (N, OH, OW, C_out) array to write it into and ``relu``: ReLU applied to it; ``add``: an array added to
+    it (``fast_kernels.conv2d``; ``out``, ``relu`` and ``add``: not for global average pooling)."""
     conv, pool = layers[i], _folded_pool(layers, i)
     key = (id(conv), in_channels is not None, weight is not None)
     W, b = conv.params["weight"], conv.params.get("bias")
@@ -153,12 +153,12 @@ def conv_block(layers, i, x, in_channels=None, ws=None, out=None, relu=False, we
     if weight is not None:
         W, b = weight, None
     if isinstance(pool, GlobalAvgPool2d):
-        if out is not None or relu:
-            raise ValueError("conv_block: out= and relu= are not for a conv folded with global pooling")
+        if out is not None or relu or add is not None:
+            raise ValueError("conv_block: out=, relu= and add= are not for a conv folded with global pooling")
         return conv_global_avg(x, W, b, conv.stride, conv.padding, ws, key)
     if isinstance(pool, AvgPool2d):
-        return conv_avg_pool(x, W, b, conv.padding, pool.kernel_size, pool.stride, ws, key, out, relu)
-    return conv2d(x, W, b, conv.stride, conv.padding, out, relu, ws, key)
+        return conv_avg_pool(x, W, b, conv.padding, pool.kernel_size, pool.stride, ws, key, out, relu, add)
+    return conv2d(x, W, b, conv.stride, conv.padding, out, relu, ws, key, add)
 
 
 # --------------------------------------------------------------------------- 4. batched candidates
@@ -803,8 +803,11 @@ class KeptChannels(ChannelDelta):
         zo, y_rest, hc = self._kept(rows, c)               # brought up to date; hc: input channel c, padded
         _, piece = self._piece_slice(j, None, hc)
         da, cols, base = self._channel_change(zo.astype(np.float32), o, piece, wp - w0, wm - w0)
-        y = self._activation("y", y_rest.shape, y_rest.dtype)
-        np.add(y_rest, self._dy(base, o, cols), out=y)    # layer m's output for W
+        y = self._activation("y", y_rest.shape, y_rest.dtype)   # layer m's output for W: y_rest + its channel o
+        if isinstance(self.mix, Conv2d) and channels_last(y_rest) and channels_last(y):
+            conv_block(self.layers, self.m, base, slice(o, o + 1), out=y.transpose(0, 2, 3, 1), add=y_rest)
+        else:
+            np.add(y_rest, self._dy(base, o, cols), out=y)
         f = self.engine.losses(self.rest(None, y, da, o, cols), rows, 3)
         B = da.shape[0] // 2                               # as in ChannelDelta: a vanished change is a tie
         moved = np.array([np.any(da[:B] != 0), True, np.any(da[B:] != 0)])

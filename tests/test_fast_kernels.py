@@ -102,6 +102,15 @@ def test_conv2d_staged_out_bias_relu(monkeypatch):
     assert np.abs(got - F.relu(F.conv2d(x, W, b, 2, 1))).max() < 1e-5
     with pytest.raises(ValueError, match="out must be a C-contiguous float32 array of shape"):
         FK.conv2d(FK.staged(x), W, b, 1, 1, out=out)
+    # add: a channels-last array added to each block before the ReLU, bit for bit as adding it after
+    add = rng.standard_normal((6, 4, 4, 5)).astype(np.float32).transpose(0, 3, 1, 2)
+    plain = FK.conv2d(FK.staged(x), W, b, 2, 1)
+    with FK.parallel_cpu():
+        got = FK.conv2d(FK.staged(x), W, b, 2, 1, add=add, relu=True)
+    assert np.array_equal(got, np.maximum(plain + add, 0))
+    assert np.abs(got - np.maximum(F.conv2d_naive(x.astype(np.float64), W, b, 2, 1) + add, 0)).max() < 1e-5
+    with pytest.raises(ValueError, match="add must be a channels-last array of shape"):
+        FK.conv2d(FK.staged(x), W, b, 2, 1, add=np.ascontiguousarray(add))
 
 
 def test_workspace_keeps_arrays():
