@@ -518,8 +518,9 @@ def _block_sums(G, M, n, C, block, dtype):
 
 
 def channels_last(x):
-    """Whether x (N, C, H, W) is stored channels-last (NHWC) in one block, as conv2d writes it."""
-    return get_array_module(x) is np and x.transpose(0, 2, 3, 1).flags.c_contiguous
+    """Whether x (N, C, H, W) is stored channels-last (NHWC) in one block, as conv2d writes it (an array
+    of another number of dimensions: no)."""
+    return get_array_module(x) is np and x.ndim == 4 and x.transpose(0, 2, 3, 1).flags.c_contiguous
 
 
 def bn_scale_shift(x, gamma, beta, eps, groups=1):
