@@ -222,11 +222,16 @@ def without_kept_channels(time_layer):
     return timed
 
 
+def pass_seconds(layer):
+    """The estimated layer pass: its setup, and its trials (the first one at its own time where it was
+    timed apart)."""
+    return (layer["setup_s"] + layer.get("first_trial_s", layer["s_per_trial"])
+            + (layer["weights"] - 1) * layer["s_per_trial"])
+
+
 def round_seconds(layers):
-    """The estimated round: per layer its setup, and its trials (the first one at its own time where it
-    was timed apart)."""
-    return sum(v["setup_s"] + v.get("first_trial_s", v["s_per_trial"]) + (v["weights"] - 1) * v["s_per_trial"]
-               for v in layers.values())
+    """The estimated round: the sum of its layer passes."""
+    return sum(pass_seconds(v) for v in layers.values())
 
 
 def main(argv=None):

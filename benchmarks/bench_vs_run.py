@@ -15,14 +15,12 @@ shape, which layers it over- or underrates; a ratio to PyTorch still comes from 
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-
-def pass_estimate(layer):
-    """bench_rso.round_seconds of one layer: setup, the first trial, the others at their pace."""
-    return (layer["setup_s"] + layer.get("first_trial_s", layer["s_per_trial"])
-            + (layer["weights"] - 1) * layer["s_per_trial"])
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_rso import pass_seconds  # noqa: E402  (the estimate bench_rso.round_seconds sums)
 
 
 def compare(bench, history, rnd=None, engine="fast"):
@@ -34,7 +32,7 @@ def compare(bench, history, rnd=None, engine="fast"):
     rec = rounds[-1] if rnd is None else next((r for r in rounds if r["round"] == rnd), None)
     if rec is None:
         raise ValueError(f"round {rnd}: not in the run, or without pass_seconds")
-    rows = [(w, pass_estimate(layers[w]), t) for w, t in rec["pass_seconds"].items() if w in layers]
+    rows = [(w, pass_seconds(layers[w]), t) for w, t in rec["pass_seconds"].items() if w in layers]
     return rows, rec["round"]
 
 
