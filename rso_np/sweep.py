@@ -157,7 +157,8 @@ def run_point(options, out):
 
 
 def summary(history):
-    accs = [r["test_acc"] for r in history] + [p["test_acc"] for r in history for p in r.get("passes", ())]
+    from .training import test_accuracies
+    accs = [acc for r in history for acc in test_accuracies(r)]
     return {"final_test_acc": history[-1]["test_acc"], "best_test_acc": max(accs), "rounds": history[-1]["round"],
             "seconds": sum(r["seconds"] for r in history)}
 

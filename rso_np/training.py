@@ -199,7 +199,7 @@ class Trainer:
 
     def _best(self):
         """The best test accuracy seen so far: after any round, or any layer pass (``eval_each_pass``)."""
-        seen = [r["test_acc"] for r in self.history] + [p["test_acc"] for r in self.history for p in r.get("passes", ())]
+        seen = [acc for r in self.history for acc in test_accuracies(r)]
         return max(seen) if seen else None
 
     def _after_pass(self, i, unit, picked):
@@ -322,6 +322,12 @@ class Trainer:
                   self.out / "loss.png", title=f"{label} on {self.config.dataset}")
 
 
+def test_accuracies(rec):
+    """The test accuracies a round's record holds: the one after the round, then those after its layer
+    passes where the run evaluated after each (``eval_each_pass``)."""
+    return [rec["test_acc"]] + [p["test_acc"] for p in rec.get("passes", ())]
+
+
 def history_markdown(meta):
     """The history of a run (a history.json's contents) as a Markdown table, one row per round: losses,
     accuracies, the best test accuracy so far (after any round, or any layer pass where the run evaluated
@@ -334,8 +340,7 @@ def history_markdown(meta):
     lines = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
     best = None
     for r in hist:
-        seen = [r["test_acc"]] + [p["test_acc"] for p in r.get("passes", ())]
-        best = max(seen + ([] if best is None else [best]))
+        best = max(test_accuracies(r) + ([] if best is None else [best]))
         cells = [str(r["round"]), f"{r['train_loss']:.4f}", pct(r["train_acc"]), f"{r['test_loss']:.4f}",
                  pct(r["test_acc"]), pct(best)]
         if rso:
