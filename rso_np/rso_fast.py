@@ -54,6 +54,7 @@ their float32 difference from the current weight. Results agree with the literal
 rounding, so only near-ties can be decided differently.
 """
 
+import gc
 import os
 
 import numpy as np
@@ -453,6 +454,11 @@ class FastRSO(RSO):
             flat[j] = xp.stack([wp, w0, wm])[k]
             picked[j] = k
             self._tick(unit.name)
+        # the pass's arrays go now, before the next pass makes its own: a ChannelDelta keeps its chosen
+        # steps as bound methods (a reference cycle), so without this its workspace and kept channels
+        # (hundreds of MB at minibatch 5000) would wait for Python's cycle collector, passes later
+        del trial
+        gc.collect()
         return picked if xp is np else picked.get()
 
     def _trial_fn(self, unit):
