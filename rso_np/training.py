@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -229,6 +230,9 @@ class Trainer:
     def _record(self, rnd, seconds, accepted, counts, updates, passes=None, pass_seconds=None):
         rec = {"round": rnd, **self._evaluate(), "accepted": accepted, "seconds": seconds,
                "weight_updates": updates}
+        peak = peak_rss_bytes()
+        if peak is not None:
+            rec["peak_rss_bytes"] = peak      # of this process so far: a resumed run's from its resumption
         if counts is not None:
             rec["counts"] = counts
         if pass_seconds:
@@ -320,6 +324,17 @@ class Trainer:
         label = f"{self.config.optimizer.upper()} {self.config.model}"
         plot_runs([{"label": label, "optimizer": self.config.optimizer, "history": self.history}],
                   self.out / "loss.png", title=f"{label} on {self.config.dataset}")
+
+
+def peak_rss_bytes():
+    """The peak resident memory of this process so far, in bytes (``getrusage``'s ``ru_maxrss``: kibibytes
+    on Linux, bytes on macOS); None where the system does not tell it (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def test_accuracies(rec):

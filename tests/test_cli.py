@@ -43,6 +43,7 @@ def test_train_rso_end_to_end(tmp_path):
     assert sum(h[1]["counts"]["fc.weight"]) == 3920, "every fc weight tried once"
     assert set(h[1]["pass_seconds"]) == set(h[1]["counts"]), "the seconds of every layer pass"
     assert 0 < sum(h[1]["pass_seconds"].values()) <= h[1]["seconds"]
+    assert 10 ** 7 < h[0]["peak_rss_bytes"] <= h[2]["peak_rss_bytes"] < 24 * 2 ** 30, "the peak memory so far"
     assert (out / "history.csv").read_text().splitlines()[0].startswith("round,train_loss,train_acc")
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     table = (out / "history.md").read_text().splitlines()
