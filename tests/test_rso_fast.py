@@ -264,6 +264,7 @@ def test_a_pass_lets_its_arrays_go_when_it_ends():
         made.append((type(trial).__name__, weakref.ref(trial), weakref.ref(trial.ws)))
         return trial
     eng._trial_fn = watched
+    collecting = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
@@ -273,7 +274,8 @@ def test_a_pass_lets_its_arrays_go_when_it_ends():
             kind, trial, ws = made[-1]
             assert trial() is None and ws() is None, (name, kind)
     finally:
-        gc.enable()
+        if collecting:
+            gc.enable()
     assert [kind for kind, _, _ in made] == ["KeptChannels", "ChannelDelta", "KeptChannels"]
 
 
