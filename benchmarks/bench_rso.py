@@ -52,6 +52,7 @@ from rso_np.models import GLOBAL_POOLS, build_model
 from rso_np.rso import AUTHORS, RSO, RSOConfig
 from rso_np import rso_fast
 from rso_np.rso_fast import FastRSO
+from rso_np.training import peak_rss_bytes
 
 
 def training_images(data_dir):
@@ -340,12 +341,8 @@ def blas_info():
 
 def peak_rss_gb():
     """This process's peak resident memory in GB (every engine of the run together), or None."""
-    try:
-        import resource
-    except ImportError:                          # not on Windows
-        return None
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb * (1 if sys.platform == "darwin" else 1024) / 1e9
+    peak = peak_rss_bytes()
+    return None if peak is None else peak / 1e9
 
 
 def emit(res, out=None, echo=True):
