@@ -174,12 +174,16 @@ def build_parser():
                     help="a run's name in the legend, once per DIR in their order (default: optimiser and model, "
                          "and the folder's name where two runs would share one)")
 
-    tb = sub.add_parser("table", help="print a run's history as a Markdown table (one row per round)",
+    tb = sub.add_parser("table", help="print a run's history as a Markdown table (one row per round), or "
+                                      "several runs' test accuracies side by side",
                         description="Print the history of a run folder written by 'train' as a Markdown "
                                     "table: losses, accuracies, the best test accuracy so far (after any layer "
                                     "pass where the run evaluated after each), the accepted share and the "
-                                    "seconds of each round. 'train' writes the same into history.md.")
-    tb.add_argument("run", metavar="DIR", help="a run folder written by 'train' (or its history.json)")
+                                    "seconds of each round. 'train' writes the same into history.md. With "
+                                    "several folders (the seeds of one configuration, say): one row per round, "
+                                    "each run's test accuracy (the best so far in brackets where it differs) "
+                                    "and their mean, each run's column named by the settings that differ.")
+    tb.add_argument("run", metavar="DIR", nargs="+", help="a run folder written by 'train' (or its history.json)")
     return p
 
 
@@ -300,8 +304,9 @@ def cmd_plot(args):
 
 
 def cmd_table(args):
-    from .training import history_markdown, load_run
-    print(history_markdown(load_run(args.run)), end="")
+    from .training import history_markdown, load_run, runs_markdown
+    metas = [load_run(r) for r in args.run]
+    print(history_markdown(metas[0]) if len(metas) == 1 else runs_markdown(metas), end="")
 
 
 def main(argv=None):

@@ -365,6 +365,52 @@ def history_markdown(meta):
     return "\n".join(lines) + "\n"
 
 
+def runs_markdown(metas):
+    """Several runs side by side (the seeds of one configuration, say) as a Markdown table, one row per
+    round: each run's test accuracy after the round, with the best so far in brackets where it differs
+    (after any round, or any layer pass where the run evaluated after each), and the runs' mean where every
+    run has the round. A run's column is named by the settings that differ between the runs."""
+    if len(metas) < 2:
+        raise ValueError(f"a side-by-side table needs at least two runs, got {len(metas)}")
+    flat = [_flat_settings(m.get("settings", {})) for m in metas]
+    keys = sorted(set().union(*flat))
+    differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
+    names = [", ".join(f"{k} {f.get(k)}" for k in differ) or f"run {i + 1}" for i, f in enumerate(flat)]
+    pct = lambda v: f"{100 * v:.2f}%"
+    columns = []                                        # per run: {round: (test acc, best so far)}
+    for m in metas:
+        best, col = None, {}
+        for r in m["history"]:
+            best = max(test_accuracies(r) + ([] if best is None else [best]))
+            col[r["round"]] = (r["test_acc"], best)
+        columns.append(col)
+    lines = ["| round | " + " | ".join(names) + " | mean |", "|" + "---:|" * (len(names) + 2)]
+    for rnd in sorted(set().union(*columns)):
+        cells = [str(rnd)]
+        for col in columns:
+            acc, best = col.get(rnd, (None, None))
+            cells.append("" if acc is None else pct(acc) + ("" if best == acc else f" ({pct(best)})"))
+        if all(rnd in col for col in columns):
+            acc = sum(col[rnd][0] for col in columns) / len(columns)
+            best = sum(col[rnd][1] for col in columns) / len(columns)
+            cells.append(pct(acc) + ("" if pct(best) == pct(acc) else f" ({pct(best)})"))
+        else:
+            cells.append("")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _flat_settings(settings):
+    """A run's settings with the nested ones (``rso``, ``sgd``) as ``rso.batch_size`` and so on."""
+    out = {}
+    for k, v in settings.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
 def load_run(path):
     """The history.json of a run folder (or the file itself), for ``plot`` and ``table``."""
     p = Path(path)

@@ -96,6 +96,10 @@ def test_sgd_and_plot_overlay(tmp_path, capsys):
     assert code == 0, err
     assert out.splitlines()[0] == "| epoch | train loss | train acc | test loss | test acc | best so far | seconds |"
     assert out == (tmp_path / "sgd" / "history.md").read_text()
+    code, out, err = run_cli(["table", str(tmp_path / "rso"), str(tmp_path / "sgd")], capsys)
+    assert code == 0, err
+    head = out.splitlines()[0].split(" | ")
+    assert head[0] == "| round" and head[-1] == "mean |" and len(head) == 4 and "optimizer rso" in head[1]
 
 
 def assert_one_line_error(code, err, *needles):

@@ -1,5 +1,6 @@
 """README's result tables are the histories they name: each block that starts with
-``<!-- table: PATH -->`` and ends with ``<!-- end of table -->`` is ``python -m rso_np table PATH``."""
+``<!-- table: PATH -->`` (or ``<!-- runs: PATH PATH ... -->``) and ends with ``<!-- end of table -->`` is
+``python -m rso_np table PATH`` (``table PATH PATH ...``)."""
 
 import json
 import re
@@ -7,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from rso_np.training import history_markdown
+from rso_np.training import history_markdown, runs_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"<!-- table: (\S+) -->\n(.*?)<!-- end of table -->", re.S)
 TABLES = BLOCK.findall((ROOT / "README.md").read_text())
+SIDE_BY_SIDE = re.findall(r"<!-- runs: ([^>]+?) -->\n(.*?)<!-- end of table -->", (ROOT / "README.md").read_text(), re.S)
 
 
 def test_readme_has_result_tables():
@@ -22,6 +24,29 @@ def test_readme_has_result_tables():
 def test_readme_table_is_its_history(path, table):
     meta = json.loads((ROOT / path).read_text())
     assert table == history_markdown(meta), f"README's table of {path} differs: python -m rso_np table {path}"
+
+
+@pytest.mark.parametrize("paths,table", SIDE_BY_SIDE, ids=[p for p, _ in SIDE_BY_SIDE])
+def test_readme_side_by_side_table_is_its_histories(paths, table):
+    metas = [json.loads((ROOT / p).read_text()) for p in paths.split()]
+    assert table == runs_markdown(metas), f"README's table of {paths} differs: python -m rso_np table {paths}"
+
+
+def test_side_by_side_table():
+    """Columns named by the settings that differ; the best so far in brackets where it differs from the
+    round's own figure; a mean only for rounds every run has."""
+    rec = lambda r, acc, passes=(): {"round": r, "test_acc": acc, "passes": [{"test_acc": a} for a in passes]}
+    run = lambda seed, bs, hist: {"settings": {"model": "m", "seed": seed, "rso": {"batch_size": bs, "x": 1}},
+                                  "history": hist}
+    metas = [run(0, 5000, [rec(0, 0.1), rec(1, 0.8, [0.9]), rec(2, 0.85)]),
+             run(1, 2000, [rec(0, 0.2), rec(1, 0.6)])]
+    lines = runs_markdown(metas).splitlines()
+    assert lines[0] == "| round | rso.batch_size 5000, seed 0 | rso.batch_size 2000, seed 1 | mean |"
+    assert lines[2:] == ["| 0 | 10.00% | 20.00% | 15.00% |",
+                         "| 1 | 80.00% (90.00%) | 60.00% | 70.00% (75.00%) |",
+                         "| 2 | 85.00% (90.00%) |  |  |"]
+    with pytest.raises(ValueError, match="at least two runs"):
+        runs_markdown(metas[:1])
 
 
 def test_table_best_counts_layer_passes():
