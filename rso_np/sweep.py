@@ -157,10 +157,9 @@ def run_point(options, out):
 
 
 def summary(history):
-    from .training import test_accuracies
-    accs = [acc for r in history for acc in test_accuracies(r)]
-    return {"final_test_acc": history[-1]["test_acc"], "best_test_acc": max(accs), "rounds": history[-1]["round"],
-            "seconds": sum(r["seconds"] for r in history)}
+    from .training import running_best
+    return {"final_test_acc": history[-1]["test_acc"], "best_test_acc": running_best(history)[-1],
+            "rounds": history[-1]["round"], "seconds": sum(r["seconds"] for r in history)}
 
 
 def run_sweep(spec_path, scheduler=None, workers=None, log=print):

@@ -200,8 +200,7 @@ class Trainer:
 
     def _best(self):
         """The best test accuracy seen so far: after any round, or any layer pass (``eval_each_pass``)."""
-        seen = [acc for r in self.history for acc in test_accuracies(r)]
-        return max(seen) if seen else None
+        return running_best(self.history)[-1] if self.history else None
 
     def _after_pass(self, i, unit, picked):
         """After layer pass i of the round: its counts; with eval_each_pass the test set, as the authors'
@@ -343,6 +342,16 @@ def test_accuracies(rec):
     return [rec["test_acc"]] + [p["test_acc"] for p in rec.get("passes", ())]
 
 
+def running_best(history):
+    """The best test accuracy so far after each round of a history: after any round up to it, or any of
+    those rounds' layer passes (``test_accuracies``)."""
+    best, out = None, []
+    for r in history:
+        best = max(test_accuracies(r) + ([] if best is None else [best]))
+        out.append(best)
+    return out
+
+
 def history_markdown(meta):
     """The history of a run (a history.json's contents) as a Markdown table, one row per round: losses,
     accuracies, the best test accuracy so far (after any round, or any layer pass where the run evaluated
@@ -353,9 +362,7 @@ def history_markdown(meta):
             "best so far (per layer pass)" if per_pass else "best so far"] + (["accepted"] if rso else []) + ["seconds"]
     pct = lambda v: f"{100 * v:.2f}%"
     lines = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
-    best = None
-    for r in hist:
-        best = max(test_accuracies(r) + ([] if best is None else [best]))
+    for r, best in zip(hist, running_best(hist)):
         cells = [str(r["round"]), f"{r['train_loss']:.4f}", pct(r["train_acc"]), f"{r['test_loss']:.4f}",
                  pct(r["test_acc"]), pct(best)]
         if rso:
@@ -377,13 +384,8 @@ def runs_markdown(metas):
     differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
     names = [", ".join(f"{k} {f.get(k)}" for k in differ) or f"run {i + 1}" for i, f in enumerate(flat)]
     pct = lambda v: f"{100 * v:.2f}%"
-    columns = []                                        # per run: {round: (test acc, best so far)}
-    for m in metas:
-        best, col = None, {}
-        for r in m["history"]:
-            best = max(test_accuracies(r) + ([] if best is None else [best]))
-            col[r["round"]] = (r["test_acc"], best)
-        columns.append(col)
+    columns = [{r["round"]: (r["test_acc"], best) for r, best in zip(m["history"], running_best(m["history"]))}
+               for m in metas]                          # per run: {round: (test acc, best so far)}
     lines = ["| round | " + " | ".join(names) + " | mean |", "|" + "---:|" * (len(names) + 2)]
     for rnd in sorted(set().union(*columns)):
         cells = [str(rnd)]

@@ -12,8 +12,9 @@ from rso_np.training import history_markdown, runs_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"<!-- table: (\S+) -->\n(.*?)<!-- end of table -->", re.S)
-TABLES = BLOCK.findall((ROOT / "README.md").read_text())
-SIDE_BY_SIDE = re.findall(r"<!-- runs: ([^>]+?) -->\n(.*?)<!-- end of table -->", (ROOT / "README.md").read_text(), re.S)
+README = (ROOT / "README.md").read_text()
+TABLES = BLOCK.findall(README)
+SIDE_BY_SIDE = re.findall(r"<!-- runs: ([^>]+?) -->\n(.*?)<!-- end of table -->", README, re.S)
 
 
 def test_readme_has_result_tables():
