@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,3 +186,23 @@ def test_bench_vs_run(tmp_path):
     r = run([sys.executable, "benchmarks/bench_vs_run.py", str(tmp_path / "bench.json"), str(tmp_path / "run"),
              "--round", "0"])
     assert r.returncode == 2 and "round 0: not in the run, or without pass_seconds" in r.stderr
+
+
+def test_bench_sums_ways_agree_with_float64():
+    """bench_sums.py times two ways to the same per-channel sums: each is batch norm's mean and mean square
+    of every group, as float64 computes them."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_sums
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from rso_np import fast_kernels as FK
+    rng = np.random.default_rng(0)
+    G, M, C, n = 3, 6 * 49, 16, 2 * 49
+    v = (rng.standard_normal((G, M, C)) * 2 + 1).astype(np.float32)
+    want_mean, want_sq = v.astype(np.float64).mean(axis=1), (v.astype(np.float64) ** 2).mean(axis=1)
+    p = v.reshape(G * (M // n), n, C)
+    for way in (FK._block_sums, bench_sums.squares_by_matmul):
+        mean, sq = way(G, M, n, C, lambda i: p[i], v.dtype)
+        np.testing.assert_allclose(mean, want_mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(sq, want_sq, rtol=1e-5)
