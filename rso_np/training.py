@@ -352,6 +352,11 @@ def running_best(history):
     return out
 
 
+def _pct(v):
+    """An accuracy as the tables print it: 0.97654 -> '97.65%'."""
+    return f"{100 * v:.2f}%"
+
+
 def history_markdown(meta):
     """The history of a run (a history.json's contents) as a Markdown table, one row per round: losses,
     accuracies, the best test accuracy so far (after any round, or any layer pass where the run evaluated
@@ -360,11 +365,10 @@ def history_markdown(meta):
     per_pass = any(r.get("passes") for r in hist)
     cols = ["round" if rso else "epoch", "train loss", "train acc", "test loss", "test acc",
             "best so far (per layer pass)" if per_pass else "best so far"] + (["accepted"] if rso else []) + ["seconds"]
-    pct = lambda v: f"{100 * v:.2f}%"
     lines = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
     for r, best in zip(hist, running_best(hist)):
-        cells = [str(r["round"]), f"{r['train_loss']:.4f}", pct(r["train_acc"]), f"{r['test_loss']:.4f}",
-                 pct(r["test_acc"]), pct(best)]
+        cells = [str(r["round"]), f"{r['train_loss']:.4f}", _pct(r["train_acc"]), f"{r['test_loss']:.4f}",
+                 _pct(r["test_acc"]), _pct(best)]
         if rso:
             cells.append("" if r.get("accepted") is None else f"{100 * r['accepted']:.1f}%")
         cells.append(f"{r['seconds']:.0f}")
@@ -383,7 +387,6 @@ def runs_markdown(metas):
     keys = sorted(set().union(*flat))
     differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
     names = [", ".join(f"{k} {f.get(k)}" for k in differ) or f"run {i + 1}" for i, f in enumerate(flat)]
-    pct = lambda v: f"{100 * v:.2f}%"
     columns = [{r["round"]: (r["test_acc"], best) for r, best in zip(m["history"], running_best(m["history"]))}
                for m in metas]                          # per run: {round: (test acc, best so far)}
     lines = ["| round | " + " | ".join(names) + " | mean |", "|" + "---:|" * (len(names) + 2)]
@@ -391,11 +394,11 @@ def runs_markdown(metas):
         cells = [str(rnd)]
         for col in columns:
             acc, best = col.get(rnd, (None, None))
-            cells.append("" if acc is None else pct(acc) + ("" if best == acc else f" ({pct(best)})"))
+            cells.append("" if acc is None else _pct(acc) + ("" if best == acc else f" ({_pct(best)})"))
         if all(rnd in col for col in columns):
             acc = sum(col[rnd][0] for col in columns) / len(columns)
             best = sum(col[rnd][1] for col in columns) / len(columns)
-            cells.append(pct(acc) + ("" if pct(best) == pct(acc) else f" ({pct(best)})"))
+            cells.append(_pct(acc) + ("" if _pct(best) == _pct(acc) else f" ({_pct(best)})"))
         else:
             cells.append("")
         lines.append("| " + " | ".join(cells) + " |")
