@@ -6,9 +6,10 @@
 channels-last batch with one matrix product (ones @ block) and its squares with
 ``np.einsum("nc,nc->c", block, block)``. The alternative timed against it squares the block into a buffer
 of the thread's own and sums that with a second matrix product (ones @ squares). ``one_block`` times the two
-on one block of 8,192 x 16 that stays in the cache, on one core, where the second is the faster. Both run inside ``fast_kernels.parallel_cpu()`` on the
-shapes that a trial of the authors' search at minibatch 5000 normalises: the candidates after conv4 + pooling
-and conv5 (15,000 images at 7x7), after conv3 (15,000 at 14x14), and a minibatch after conv1 (5,000 at 28x28).
+on one block of 8,192 x 16 that stays in the cache, on one core, where the second is the faster. Both run
+inside ``fast_kernels.parallel_cpu()`` on the shapes that a trial of the authors' search at minibatch 5000
+normalises: the candidates after conv4 + pooling and conv5 (15,000 images at 7x7), after conv3 (15,000 at
+14x14), and a minibatch after conv1 (5,000 at 28x28).
 Prints one JSON object: the best and median milliseconds of each, their ratio, and the largest difference
 between the two results (float rounding).
 """
