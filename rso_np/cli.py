@@ -61,14 +61,16 @@ def build_parser():
                            "the fast engine\n(about a minute per round on two cores), and the paper's "
                            "pseudocode for every search option.\n"
                            "--preset paper sets the authors' MNIST configuration instead, as their code runs "
-                           "it: paper_mnist_bn\n(batch-norm epsilon 1e-3), minibatch 5000, 50 rounds, inputs "
-                           "centred, batch-norm statistics frozen\nbefore the searched layer, chunked "
-                           "minibatches, He sigma with the authors' schedule, weight decay 1e-4\non every "
-                           "searched parameter, batch norm searched right after its conv, evaluation after "
-                           "every\nlayer pass. Options given with it override it (e.g. --batch-size 2000).\n\n"
-                           "Writes history.json, history.csv, loss.png and checkpoint.npz into --out after "
-                           "every round.\n--resume continues a run with its recorded settings; an option "
-                           "that contradicts them is an error."))
+                           "it: paper_mnist_bn\n(batch-norm epsilon 1e-3, global max pooling before the dense "
+                           "layer), minibatch 5000, 50 rounds,\ninputs centred, batch-norm statistics frozen "
+                           "before the searched layer, chunked minibatches,\nHe sigma with the authors' "
+                           "schedule, weight decay 1e-4 on every searched parameter, batch norm\nsearched "
+                           "right after its conv, evaluation after every layer pass. Options given with it "
+                           "override\nit (e.g. --batch-size 2000).\n\n"
+                           "Writes history.json, history.csv, history.md, loss.png and checkpoint.npz into "
+                           "--out after every\nround; with RSO the checkpoint also after every layer pass. "
+                           "--resume continues a run from its\ncheckpoint with its recorded settings; an "
+                           "option that contradicts them is an error."))
     g = t.add_argument_group("data and model")
     g.add_argument("--dataset", choices=DATASETS, help="(default: mnist)")
     g.add_argument("--data-dir", metavar="DIR",
@@ -80,7 +82,7 @@ def build_parser():
                    help="batch norm's epsilon (paper_mnist_bn; default 1e-5; authors, MXNet: 1e-3)")
     g.add_argument("--global-pool", choices=sorted(GLOBAL_POOLS),
                    help="the paper's networks: global pooling before the dense layer, avg (default) or max "
-                        "(authors: their MXNet code's nd.Pooling(global_pool=True) defaults to max)")
+                        "(paper preset; authors: their MXNet code's nd.Pooling(global_pool=True) defaults to max)")
     g.add_argument("--normalize", choices=NORMALIZATIONS,
                    help="input: standardize (the paper: minus the training mean, over its std; default) or "
                         "center (authors: minus the mean only)")
