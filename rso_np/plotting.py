@@ -6,11 +6,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
 
 from ._io import atomic_path
 
 X_AXES = ("rounds", "updates")
+# the accuracy axis's ticks: 1-2-5 steps away from 0% and from 100% alike, as the logit scale spaces them
+ACC_TICKS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)
 
 
 def _atomic_savefig(fig, path):
@@ -33,11 +35,17 @@ def _xlabel(runs, x):
 
 
 def plot_runs(runs, path, x="rounds", title=None):
-    """Loss (left) and test accuracy (right) of one or more runs.
+    """Loss (left) and test accuracy (right) of one or more runs, saved to ``path``.
 
     ``runs``: list of dicts with "label", "optimizer" and "history" (the records of history.json).
     ``x``: "rounds" (round/epoch number) or "updates" (weight updates, the paper's comparison).
     """
+    _atomic_savefig(runs_figure(runs, x, title), path)
+
+
+def runs_figure(runs, x="rounds", title=None):
+    """The figure of ``plot_runs``. The loss has a log axis and the accuracy a logit one (10%, 50%, 90%,
+    99%, ... equally spaced), so that the late rounds' tenths of a point stay visible beside round 0."""
     if x not in X_AXES:
         raise ValueError(f"x must be one of {X_AXES}, got {x!r}")
     fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(10, 4))
@@ -47,13 +55,18 @@ def plot_runs(runs, path, x="rounds", title=None):
         color = f"C{i}"
         ax_l.plot(xs, [r["train_loss"] for r in h], "-o", color=color, ms=3, label=f"{run['label']} train")
         ax_l.plot(xs, [r["test_loss"] for r in h], "--s", color=color, ms=3, label=f"{run['label']} test")
-        ax_a.plot(xs, [100 * r["test_acc"] for r in h], "-o", color=color, ms=3, label=run["label"])
-    ax_l.set_ylabel("cross-entropy loss (mean)")
-    ax_a.set_ylabel("test accuracy (%)")
-    for ax in (ax_l, ax_a):
+        ax_a.plot(xs, [r["test_acc"] for r in h], "-o", color=color, ms=3, label=run["label"])
+    ax_l.set_yscale("log")
+    ax_l.set_ylabel("cross-entropy loss (mean, log scale)")
+    ax_a.set_yscale("logit")
+    ax_a.yaxis.set_major_locator(FixedLocator(ACC_TICKS))
+    ax_a.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{100 * v:g}%"))
+    ax_a.yaxis.set_minor_formatter(NullFormatter())
+    ax_a.set_ylabel("test accuracy (logit scale)")
+    for ax, where in ((ax_l, "upper right"), (ax_a, "lower right")):
         ax.set_xlabel(_xlabel(runs, x))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc=where)
         if x == "updates":
             ax.set_xscale("symlog", linthresh=1)
         else:
@@ -61,7 +74,7 @@ def plot_runs(runs, path, x="rounds", title=None):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    _atomic_savefig(fig, path)
+    return fig
 
 
 def plot_sweep(curves, path, title=None):
