@@ -45,7 +45,7 @@ def plot_runs(runs, path, x="rounds", title=None):
 
 def runs_figure(runs, x="rounds", title=None):
     """The figure of ``plot_runs``. The loss has a log axis and the accuracy a logit one (10%, 50%, 90%,
-    99%, ... equally spaced), so that the late rounds' tenths of a point stay visible beside round 0."""
+    99%, ... about equally spaced), so that the late rounds' tenths of a point stay visible beside round 0."""
     if x not in X_AXES:
         raise ValueError(f"x must be one of {X_AXES}, got {x!r}")
     fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(10, 4))
