@@ -1,9 +1,14 @@
 """Atomic file writes: a temporary file beside the target, then a rename, so that a reader (or a run
-that is stopped half-way) never sees a half-written file."""
+that is stopped half-way) never sees a half-written file. And a lock that keeps a folder to one writer."""
 
 import os
 import tempfile
 from contextlib import contextmanager
+
+try:
+    import fcntl
+except ImportError:                  # Windows: no flock; folder_lock then locks nothing
+    fcntl = None
 
 
 def _umask():
@@ -33,3 +38,51 @@ def atomic_path(path, suffix=""):
 def atomic_write_text(path, text):
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
+
+
+class FolderBusy(OSError):
+    """``folder_lock``: another process holds the folder; ``pid`` is the one it wrote down (None if unknown)."""
+
+    def __init__(self, folder, pid):
+        super().__init__(f"{folder} is held by another process" + (f" (pid {pid})" if pid else ""))
+        self.folder, self.pid = folder, pid
+
+
+@contextmanager
+def folder_lock(folder, name=".lock"):
+    """Hold ``folder`` for this process while the block runs: an exclusive ``flock`` on the file ``name``
+    in it (created, with this process's pid written in it), which raises ``FolderBusy`` at once if
+    another process (or another open file in this one) holds it. The file is removed when the block
+    ends; if the process dies instead, the system releases the lock and the next holder takes the file
+    over. Where ``fcntl`` does not exist (Windows) nothing is locked.
+
+    A file is held only while it is still the one at the path: a process that opened the file just
+    before the last holder removed it finds its lock on a file that is gone, and tries again."""
+    if fcntl is None:
+        yield
+        return
+    path = os.path.join(os.fspath(folder), name)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise FolderBusy(folder, int(text) if text.isdigit() else None) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)                                       # the last holder removed it: take the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        try:
+            os.unlink(path)                                # while still held: no one else has it now
+        finally:
+            os.close(fd)

@@ -7,7 +7,8 @@ layer pass it was in):
 ``history.md`` (the same as a Markdown table, ``history_markdown``; ``python -m rso_np table DIR`` prints it),
 ``loss.png`` (loss per round, with an accuracy panel) and ``checkpoint.npz`` (weights, optimiser state,
 the random generator's state, the history and the run's settings). A run resumed from its checkpoint
-ends with the same weights as one that was never stopped.
+ends with the same weights as one that was never stopped. While it trains, the process holds the folder
+(``.rso_np.lock`` in it, removed at the end): a second run there stops before it writes anything.
 """
 
 import csv
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_write_text
+from ._io import FolderBusy, atomic_write_text, folder_lock
 from .backend import get_xp, synchronize, to_device
 from .data import load_dataset
 from .fast_kernels import parallel_cpu
@@ -35,6 +36,7 @@ from .rso_fast import FastRSO
 from .sgd import SGD, SGDConfig
 
 CHECKPOINT = "checkpoint.npz"
+LOCK = ".rso_np.lock"      # held by the process training in the folder (Trainer.run), removed when it ends
 ENGINES = {"literal": RSO, "fast": FastRSO}
 CSV_FIELDS = ("round", "train_loss", "train_acc", "test_loss", "test_acc", "best_test_acc", "accepted", "seconds",
               "weight_updates")
@@ -256,7 +258,21 @@ class Trainer:
                 f"{rec['seconds']:8.1f}")
 
     def run(self, stop_after=None):
-        """Train until ``config.rounds`` (or for ``stop_after`` rounds of this call); returns the history."""
+        """Train until ``config.rounds`` (or for ``stop_after`` rounds of this call); returns the history.
+
+        The run folder is held for the time (``_io.folder_lock`` on its ``.rso_np.lock``): a second run
+        started in the same folder while this one trains, a ``--resume`` of a run still going in the
+        background say, stops with an error before it writes anything, where the two would otherwise
+        overwrite each other's checkpoint and history."""
+        try:
+            with folder_lock(self.out, LOCK):
+                return self._run(stop_after)
+        except FolderBusy as exc:
+            who = f"another process (pid {exc.pid})" if exc.pid else "another process"
+            raise OSError(f"run folder {self.out}: {who} is training in it; wait for it to end, or stop it "
+                          "(its checkpoint keeps what it has finished) and then --resume") from None
+
+    def _run(self, stop_after):
         cfg = self.config
         self.log(self.header())
         if not self.history:

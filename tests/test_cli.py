@@ -217,6 +217,26 @@ def test_checkpoint_other_model_or_corrupt(capsys, tmp_path, fake_mnist):
     assert sorted(x.name for x in out.iterdir()) == RUN_FILES
 
 
+def test_a_run_folder_in_use_is_refused(capsys, tmp_path, fake_mnist):
+    """A second train in a folder where a run is training (a --resume of a run still going in the
+    background, say) stops before it writes anything; the folder is free again when the first ends."""
+    from rso_np._io import folder_lock
+    from rso_np.training import LOCK
+    out = tmp_path / "run"
+    base = ["train", "--data-dir", str(fake_mnist), "--batch-size", "8", "--no-progress", "--out", str(out)]
+    assert run_cli([*base, "--optimizer", "sgd", "--epochs", "2", "--stop-after", "1"], capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with folder_lock(out, LOCK):              # held through another open file, as by another process
+        code, _, err = run_cli([*base, "--resume"], capsys)
+        assert_one_line_error(code, err, f"run folder {out}", f"(pid {os.getpid()}) is training in it",
+                              "--resume")
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != LOCK} == before
+    code, out_text, err = run_cli([*base, "--resume"], capsys)
+    assert code == 0, err
+    assert "resumed after 1 of 2" in out_text
+    assert sorted(p.name for p in out.iterdir()) == RUN_FILES, "the lock file goes when the run ends"
+
+
 def test_plot_labels(tmp_path, monkeypatch):
     """Runs of the same optimiser and model get their folder's name in the legend; --label names them."""
     from rso_np import cli
