@@ -279,7 +279,9 @@ class Trainer:
             self.log(self.row(self._record(0, 0.0, None, None, 0)))
             self.save()
         else:
-            self.log(f"(resumed after {self.rounds_done} of {cfg.rounds})")
+            self.log(f"(resumed after {self.rounds_done} of {cfg.rounds})" if self.rounds_done < cfg.rounds else
+                     f"(the run has all its {cfg.rounds} {'rounds' if cfg.optimizer == 'rso' else 'epochs'}: "
+                     "nothing to do; a longer run is a new one, with another --out)")
         last = cfg.rounds if stop_after is None else min(cfg.rounds, self.rounds_done + stop_after)
         for rnd in range(self.rounds_done + 1, last + 1):
             if cfg.optimizer == "rso":

@@ -66,6 +66,12 @@ def test_resume_matches_uninterrupted(tmp_path, capsys, optimizer, flag):
                              capsys)
     assert code == 0, err
     assert "resumed after 1 of 2" in out
+    before = {p.name: p.read_bytes() for p in part.iterdir()}
+    code, out, err = run_cli(["train", "--resume", "--out", str(part), "--data-dir", str(MNIST), "--no-progress"],
+                             capsys)
+    assert code == 0, err
+    assert f"has all its 2 {flag[2:]}: nothing to do" in out, "a finished run says so"
+    assert {p.name: p.read_bytes() for p in part.iterdir()} == before, "and is left as it is"
     a, b = read_npz(tmp_path / "full" / "checkpoint.npz"), read_npz(part / "checkpoint.npz")
     params = [k for k in a if k.startswith("param/")]
     assert params
