@@ -43,6 +43,11 @@ each a named step below:
    minibatch is always one of the pass's chunks, and the layers before d do not change during the pass:
    so the input of layer d is stored for each chunk, computed on that chunk with its own statistics, and
    the trials gather it as in 1. (and 2. and 7. apply as with a stored input).
+9. Statistics as the conv writes (``_conv_with_sums``). Batch norm with the minibatch's statistics right
+   after a conv reads all of the conv's output for its sums before it normalises it; on the CPU the
+   sums are taken as each block of the output is written, while it is still in the cache
+   (``fast_kernels.ChannelSums``), and the candidates' batch after layer m is read once less per batch
+   norm. The same statistics up to float rounding (float32 sums over blocks of another size).
 
 How the arrays are computed on the CPU (a few images at a time on every core, the minibatch gather, a
 ReLU and the candidates' y + dy done while a convolution copies its input, trial arrays kept between
@@ -62,6 +67,7 @@ import numpy as np
 from . import functional as F
 from .backend import get_array_module
 from .fast_kernels import (
+    ChannelSums,
     Staged,
     Workspace,
     batch_norm,
@@ -96,6 +102,7 @@ KEPT_VISITS = 2
 PER_CHUNK = True    # with the minibatch's batch-norm statistics and chunks, store the searched layer's input per chunk (8.)
 GLOBAL_MAX = True   # on the CPU, global max pooling of a channels-last array as a tree of maxima (fast_kernels.global_max)
 BN_GLOBAL_MAX = True  # on the CPU, batch norm then global max pooling from each channel's extremes (5., bn_global_max)
+SUMS_IN_CONV = True  # on the CPU, a batch norm's statistics taken as the conv before it writes (9., ChannelSums)
 PER_CHANNEL = (ReLU, MaxPool2d, AvgPool2d, BatchNorm2d, GlobalAvgPool2d, GlobalMaxPool2d, Flatten)
 MIXING = (Conv2d, Dense)
 
@@ -139,13 +146,14 @@ def block_size(layers, i):
     return 1 if _folded_pool(layers, i) is None else 2
 
 
-def conv_block(layers, i, x, in_channels=None, ws=None, out=None, relu=False, weight=None, add=None):
+def conv_block(layers, i, x, in_channels=None, ws=None, out=None, relu=False, weight=None, add=None, sums=None):
     """Conv layers[i] with the average pooling right after it folded in, applied to x (an array, or a
     ``Staged`` batch on the CPU). ``in_channels``: only that slice of the input channels (no bias), for a
     change that lives in those channels. ``weight``: this kernel in place of the layer's (no bias; the
     layer's stride, padding and pooling). ``ws``: a ``Workspace`` to take the output from; ``out``: an
     (N, OH, OW, C_out) array to write it into and ``relu``: ReLU applied to it; ``add``: an array added to
-    it (``fast_kernels.conv2d``; ``out``, ``relu`` and ``add``: not for global average pooling)."""
+    it; ``sums``: a ``ChannelSums`` to take batch norm's statistics of the output as it is written
+    (``fast_kernels.conv2d``; ``out``, ``relu``, ``add`` and ``sums``: not for global average pooling)."""
     conv, pool = layers[i], _folded_pool(layers, i)
     key = (id(conv), in_channels is not None, weight is not None)
     W, b = conv.params["weight"], conv.params.get("bias")
@@ -154,12 +162,12 @@ def conv_block(layers, i, x, in_channels=None, ws=None, out=None, relu=False, we
     if weight is not None:
         W, b = weight, None
     if isinstance(pool, GlobalAvgPool2d):
-        if out is not None or relu or add is not None:
-            raise ValueError("conv_block: out=, relu= and add= are not for a conv folded with global pooling")
+        if out is not None or relu or add is not None or sums is not None:
+            raise ValueError("conv_block: out=, relu=, add= and sums= are not for a conv folded with global pooling")
         return conv_global_avg(x, W, b, conv.stride, conv.padding, ws, key)
     if isinstance(pool, AvgPool2d):
-        return conv_avg_pool(x, W, b, conv.padding, pool.kernel_size, pool.stride, ws, key, out, relu, add)
-    return conv2d(x, W, b, conv.stride, conv.padding, out, relu, ws, key, add)
+        return conv_avg_pool(x, W, b, conv.padding, pool.kernel_size, pool.stride, ws, key, out, relu, add, sums)
+    return conv2d(x, W, b, conv.stride, conv.padding, out, relu, ws, key, add, sums)
 
 
 # --------------------------------------------------------------------------- 4. batched candidates
@@ -168,46 +176,62 @@ def conv_block(layers, i, x, in_channels=None, ws=None, out=None, relu=False, we
 def forward_grouped(layers, x, groups=1, ws=None):
     """Run ``layers`` on a batch made of ``groups`` minibatches stacked along N (batch norm keeps each
     minibatch's own statistics); a conv and the average pooling after it run as one ``conv_block``, and
-    on the CPU a ReLU right before a conv is applied as the conv copies its input (``staged_relu``)."""
-    i = 0
+    on the CPU a ReLU right before a conv is applied as the conv copies its input (``staged_relu``), and
+    a batch norm right after a conv takes its statistics as the conv writes its output (9.)."""
+    i, sums = 0, None                  # sums: the statistics of the batch norm at layers[i], if taken (9.)
     while i < len(layers):
         layer = layers[i]
         if isinstance(x, Staged) and not isinstance(layer, Conv2d):
             x = x.array()
+        norm, sums = (None if sums is None or not isinstance(layer, BatchNorm2d) else
+                      sums.scale_shift(layer.params["weight"], layer.params["bias"], layer.eps)), None
         if (isinstance(layer, ReLU) and i + 1 < len(layers) and isinstance(layers[i + 1], Conv2d)
                 and not isinstance(x, Staged) and _staging(get_array_module(x))):
-            x = conv_block(layers, i + 1, staged_relu(x), ws=ws)
+            x, sums = _conv_with_sums(layers, i + 1, staged_relu(x), groups, ws)
             i += 1 + block_size(layers, i + 1)
         elif (isinstance(layer, BatchNorm2d) and layer.training and [type(l) for l in layers[i + 1:i + 3]] == [ReLU, Conv2d]
               and not isinstance(x, Staged) and _staging(np) and channels_last(x)):
             # batch norm (each minibatch's statistics) and ReLU applied as the next conv copies its input
-            scale, shift = bn_scale_shift(x, layer.params["weight"], layer.params["bias"], layer.eps, groups)
-            x = conv_block(layers, i + 2, staged_bn_relu(x, scale, shift), ws=ws)
+            scale, shift = norm if norm is not None else bn_scale_shift(
+                x, layer.params["weight"], layer.params["bias"], layer.eps, groups)
+            x, sums = _conv_with_sums(layers, i + 2, staged_bn_relu(x, scale, shift), groups, ws)
             i += 2 + block_size(layers, i + 2)
         elif (isinstance(layer, BatchNorm2d) and layer.training and i + 1 < len(layers)
               and isinstance(layers[i + 1], GlobalAvgPool2d) and channels_last(x)):
             # global pooling after batch norm: batch norm of the pooled channels (it is affine per channel)
-            x = bn_global_avg(x, layer.params["weight"], layer.params["bias"], layer.eps, groups)
+            x = bn_global_avg(x, layer.params["weight"], layer.params["bias"], layer.eps, groups, norm)
             i += 2
         elif (isinstance(layer, BatchNorm2d) and layer.training and i + 1 < len(layers)
               and isinstance(layers[i + 1], GlobalMaxPool2d) and BN_GLOBAL_MAX and channels_last(x)):
             # global max pooling after batch norm: batch norm of each channel's maximum (or minimum)
-            x = bn_global_max(x, layer.params["weight"], layer.params["bias"], layer.eps, groups)
+            x = bn_global_max(x, layer.params["weight"], layer.params["bias"], layer.eps, groups, norm)
             i += 2
         elif isinstance(layer, GlobalMaxPool2d) and GLOBAL_MAX and channels_last(x):
             x = global_max(x)                          # the same maxima, in a third of the time
             i += 1
         elif isinstance(layer, Conv2d):
-            x = conv_block(layers, i, x, ws=ws)
+            x, sums = _conv_with_sums(layers, i, x, groups, ws)
             i += block_size(layers, i)
         elif isinstance(layer, BatchNorm2d) and layer.training:       # each minibatch's own statistics
             x = batch_norm(x, layer.params["weight"], layer.params["bias"], layer.eps, groups, ws,
-                           (id(layer), groups, x.shape[1]))
+                           (id(layer), groups, x.shape[1]), norm if channels_last(x) else None)
             i += 1
         else:
             x = layer.forward(x)
             i += 1
     return x.array() if isinstance(x, Staged) else x
+
+
+def _conv_with_sums(layers, i, x, groups, ws):
+    """9. Statistics as the conv writes: ``conv_block(layers, i, x)``, and where a batch norm with each
+    minibatch's statistics follows it on the CPU, a ``ChannelSums`` that took them block by block as the
+    output was written, while it was in the cache (else None)."""
+    j = i + block_size(layers, i)
+    numpy = isinstance(x, Staged) or get_array_module(x) is np
+    sums = (ChannelSums(groups) if SUMS_IN_CONV and numpy and _staging(np) and j < len(layers)
+            and isinstance(layers[j], BatchNorm2d) and layers[j].training
+            and not isinstance(_folded_pool(layers, i), GlobalAvgPool2d) else None)
+    return conv_block(layers, i, x, ws=ws, sums=sums), sums
 
 
 def forward_channel(layers, x, o, groups, ws=None):

@@ -309,3 +309,57 @@ def test_batch_norm_vs_reference(groups, channels):
         staged.fill(out[s:e], s, e)
     assert np.array_equal(out.transpose(0, 3, 1, 2), np.maximum(got, 0))
     assert np.abs(FK.batch_norm(np.ascontiguousarray(x), g, b, 1e-3, groups) - ref).max() < 1e-5   # NCHW: the reference
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("fold", [False, True])                # conv2d, or conv + average pooling folded
+def test_channel_sums_as_the_conv_writes(fold, groups, threads, monkeypatch):
+    """conv2d(..., sums=ChannelSums(groups)) takes batch norm's statistics of each group of its output as
+    it writes the blocks (blocks of 5 images here, straddling the groups' borders; with ``add`` too): the
+    output is the same array as without, the scale and shift those of float64 formulas and of
+    bn_scale_shift on the output up to float rounding, and the same whichever thread summed which block."""
+    rng = np.random.default_rng(9)
+    B, C, H, W, C_out = 8, 3, 10, 10, 4
+    x = (rng.standard_normal((groups * B, C, H, W)) * 2 + 0.5).astype(np.float32)
+    Wk = rng.standard_normal((C_out, C, 3, 3)).astype(np.float32)
+    g, b = rng.standard_normal(C_out).astype(np.float32), rng.standard_normal(C_out).astype(np.float32)
+    OH = H // 2 if fold else H
+    add = rng.standard_normal((groups * B, OH, OH, C_out)).astype(np.float32).transpose(0, 3, 1, 2)
+    taps = 16 if fold else 9
+    monkeypatch.setattr(FK, "CONV_BLOCK_BYTES", 5 * OH * OH * taps * C * 4)
+    monkeypatch.setattr(FK, "CONV_THREADS", threads)
+
+    def conv(sums):
+        with FK.parallel_cpu():
+            if fold:
+                return FK.conv_avg_pool(x, Wk, None, 1, 2, add=add, sums=sums)
+            return FK.conv2d(x, Wk, None, 1, 1, add=add, sums=sums)
+    sums = FK.ChannelSums(groups)
+    y = conv(sums)
+    assert np.array_equal(y, conv(None)), "the sums change no output"
+    assert sums.parts.shape == (2, -(-groups * B // 5), groups, C_out)
+    scale, shift = sums.scale_shift(g, b, 1e-3)
+    y64 = y.astype(np.float64).reshape(groups, B, C_out, OH, OH)
+    m, v = y64.mean(axis=(1, 3, 4)), y64.var(axis=(1, 3, 4))
+    exact = g / np.sqrt(v + 1e-3)
+    assert np.abs(scale - exact).max() < 1e-5 * np.abs(exact).max()
+    assert np.abs(shift - (b - m * exact)).max() < 1e-5 * np.abs(b - m * exact).max()
+    same = FK.bn_scale_shift(y, g, b, 1e-3, groups)
+    assert max(np.abs(a - e).max() for a, e in zip((scale, shift), same)) < 1e-5
+    again = FK.ChannelSums(groups)
+    conv(again)
+    assert np.array_equal(again.parts, sums.parts), "each block's sums in its own slot: same numbers every time"
+    for k in range(groups):                                    # and as batch norm applies them
+        ref = F.batch_norm2d(y[k * B:(k + 1) * B], g, b, eps=1e-3)[0]
+        got = FK.batch_norm(y, g, b, 1e-3, groups, norm=(scale, shift))[k * B:(k + 1) * B]
+        assert np.abs(got - ref).max() < 1e-5
+
+
+def test_channel_sums_refused_where_they_do_not_apply(rng):
+    x = rng.standard_normal((4, 2, 5, 5)).astype(np.float32)
+    W = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match="sums= is for a NumPy convolution without relu"):
+        FK.conv2d(x, W, padding=1, relu=True, sums=FK.ChannelSums())
+    with pytest.raises(ValueError, match="4 images do not split into 3 equal groups"):
+        FK.conv2d(x, W, padding=1, sums=FK.ChannelSums(3))
