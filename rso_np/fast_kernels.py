@@ -682,9 +682,15 @@ def bn_global_max(x, gamma, beta, eps, groups=1, norm=None):
 
 def staged_bn_relu(x, scale, shift):
     """relu(x * scale[g] + shift[g]) for the images of group g (``bn_scale_shift``), applied while a
-    convolution copies x: batch norm and ReLU cost no pass over memory of their own."""
-    N, C, H, W = x.shape
-    src, B = x.transpose(0, 2, 3, 1).reshape(N, H * W * C), N // scale.shape[0]
+    convolution copies x: batch norm and ReLU cost no pass over memory of their own. x: an (N, C, H, W)
+    array stored channels-last, or a list of the groups' arrays (each (N / groups, C, H, W), channels-last),
+    which then need not lie in one array."""
+    parts = list(x) if isinstance(x, (list, tuple)) else [x]
+    G, (n, C, H, W) = scale.shape[0], parts[0].shape
+    srcs = [p.transpose(0, 2, 3, 1).reshape(p.shape[0], H * W * C) for p in parts]
+    B = n * len(parts) // G                                 # images per group
+    if len(parts) not in (1, G) or any(p.shape != parts[0].shape for p in parts):
+        raise ValueError(f"staged_bn_relu: {len(parts)} arrays for {G} groups")
     scale, shift = _per_pixel(scale, H * W), _per_pixel(shift, H * W)
 
     def fill(dst, s, e):
@@ -692,11 +698,12 @@ def staged_bn_relu(x, scale, shift):
         flat = tmp.reshape(tmp.shape[0], -1)
         for g in range(s // B, (e - 1) // B + 1):           # the groups this block of images spans
             a, b = max(s, g * B), min(e, (g + 1) * B)
+            src, off = (srcs[g], g * B) if len(srcs) > 1 else (srcs[0], 0)
             t = flat[a - s:b - s]                           # contiguous: numpy's loops run faster there
-            np.multiply(src[a:b], scale[g], out=t)
+            np.multiply(src[a - off:b - off], scale[g], out=t)
             t += shift[g]
             _relu(tmp[a - s:b - s], dst[a - s:b - s])
-    return Staged(fill, x.shape, x.dtype)
+    return Staged(fill, (B * G, C, H, W), parts[0].dtype)
 
 
 def batch_norm(x, gamma, beta, eps, groups=1, ws=None, key=None, norm=None):

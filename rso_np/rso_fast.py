@@ -43,11 +43,13 @@ each a named step below:
    minibatch is always one of the pass's chunks, and the layers before d do not change during the pass:
    so the input of layer d is stored for each chunk, computed on that chunk with its own statistics, and
    the trials gather it as in 1. (and 2. and 7. apply as with a stored input).
-9. Statistics as the conv writes (``_conv_with_sums``). Batch norm with the minibatch's statistics right
-   after a conv reads all of the conv's output for its sums before it normalises it; on the CPU the
-   sums are taken as each block of the output is written, while it is still in the cache
-   (``fast_kernels.ChannelSums``), and the candidates' batch after layer m is read once less per batch
-   norm. The same statistics up to float rounding (float32 sums over blocks of another size).
+9. Statistics as the conv writes (``_conv_with_sums``, ``ChannelDelta._rest_sums``). Batch norm with the
+   minibatch's statistics right after a conv reads all of the conv's output for its sums before it
+   normalises it. On the CPU the sums are taken as each block of the output is written, while it is
+   still in the cache (``fast_kernels.ChannelSums``): in the network after layer m, and for layer m's
+   output itself, which for the two perturbed candidates the conv of channel o's changes writes whole
+   (y added to each block as it is written, where before it wrote dy, and y + dy was summed and made
+   again from memory). The same statistics up to float rounding (float32 sums over blocks of another size).
 
 How the arrays are computed on the CPU (a few images at a time on every core, the minibatch gather, a
 ReLU and the candidates' y + dy done while a convolution copies its input, trial arrays kept between
@@ -173,12 +175,13 @@ def conv_block(layers, i, x, in_channels=None, ws=None, out=None, relu=False, we
 # --------------------------------------------------------------------------- 4. batched candidates
 
 
-def forward_grouped(layers, x, groups=1, ws=None):
+def forward_grouped(layers, x, groups=1, ws=None, sums=None):
     """Run ``layers`` on a batch made of ``groups`` minibatches stacked along N (batch norm keeps each
     minibatch's own statistics); a conv and the average pooling after it run as one ``conv_block``, and
     on the CPU a ReLU right before a conv is applied as the conv copies its input (``staged_relu``), and
-    a batch norm right after a conv takes its statistics as the conv writes its output (9.)."""
-    i, sums = 0, None                  # sums: the statistics of the batch norm at layers[i], if taken (9.)
+    a batch norm right after a conv takes its statistics as the conv writes its output (9.; ``sums``: those
+    of a batch norm at layers[0], so taken by the caller)."""
+    i = 0                              # sums: the statistics of the batch norm at layers[i], if taken (9.)
     while i < len(layers):
         layer = layers[i]
         if isinstance(x, Staged) and not isinstance(layer, Conv2d):
@@ -591,6 +594,7 @@ class ChannelDelta:
         cpu = _staging(self.xp)
         self.ws = Workspace() if cpu else None             # the trial's arrays, kept between trials
         self._norm = None                                  # batch norm searched: (h, 1/std, -mean/std)
+        self._ysums = None                                 # 9.: y's statistics, taken as y was written
         if conv and weight:
             self.output = self._output_staged if cpu and self.stored is not None else self._output_conv_weight
         elif cpu and isinstance(self.layer, BatchNorm2d) and self.layer.training:
@@ -784,12 +788,41 @@ class ChannelDelta:
         """Batch norm and ReLU between layer m and the next conv: each candidate's statistics from y and dy
         block by block, and y + dy, batch norm and ReLU done while the next conv copies its input (the 3B
         batch itself is never stored)."""
-        dy, bn, nc = self._dy(da, o, cols), self.next_bn, self.after_at + 2
-        if not (channels_last(y) and channels_last(dy)):
+        bn, nc = self.next_bn, self.after_at + 2
+        if not channels_last(y):
             return self._rest(a, y, da, o, cols)
-        norm = candidates_bn_scale_shift(y, dy, bn.params["weight"], bn.params["bias"], bn.eps)
+        g, b, eps = bn.params["weight"], bn.params["bias"], bn.eps
+        if self._sums_for_rest() and isinstance(self.mix, Conv2d):
+            return self._rest_sums(y, da, o, nc, g, b, eps)
+        dy = self._dy(da, o, cols)
+        if not channels_last(dy):
+            return self._rest(a, y, da, o, cols)
+        norm = candidates_bn_scale_shift(y, dy, g, b, eps)
         out = conv_block(self.layers, nc, staged_candidates(y, dy, True, norm), ws=self.ws)
         return forward_grouped(self.layers[nc + block_size(self.layers, nc):], out, 3, self.ws)
+
+    def _sums_for_rest(self):
+        """Whether ``_rest_sums`` runs the candidates after layer m (9.; the CPU, a batch norm after m)."""
+        return SUMS_IN_CONV and self.ws is not None and self.next_bn is not None
+
+    def _rest_sums(self, y, da, o, nc, g, b, eps):
+        """9. in the candidates' route: layer m on channel o's two changes writes y + dy for W + dW and
+        W - dW (y added to each block as it is written) and takes their statistics as it goes; those of y
+        come from its own convolution (``KeptChannels``) or a pass over it. Then batch norm and ReLU as
+        the next conv copies the three, and the rest of the network."""
+        B = y.shape[0]
+        ypm = self._activation("ypm", (2 * B,) + y.shape[1:], y.dtype)
+        into, norms = ypm.transpose(0, 2, 3, 1), []
+        for k in (0, 1):
+            sums = ChannelSums()
+            conv_block(self.layers, self.m, da[k * B:(k + 1) * B], slice(o, o + 1), out=into[k * B:(k + 1) * B],
+                       add=y, sums=sums)
+            norms.append(sums.scale_shift(g, b, eps))
+        ysums, self._ysums = self._ysums, None
+        mid = ysums.scale_shift(g, b, eps) if ysums is not None else bn_scale_shift(y, g, b, eps)
+        scale, shift = (np.concatenate([norms[0][i], mid[i], norms[1][i]]) for i in (0, 1))
+        out, sums = _conv_with_sums(self.layers, nc, staged_bn_relu([ypm[:B], y, ypm[B:]], scale, shift), 3, self.ws)
+        return forward_grouped(self.layers[nc + block_size(self.layers, nc):], out, 3, self.ws, sums)
 
     def _rest_unmixed(self, a, y, da, o, cols):
         """No mixing layer after d: the changes go straight into a (the output side of the network)."""
@@ -834,8 +867,11 @@ class KeptChannels(ChannelDelta):
         _, piece = self._piece_slice(j, None, hc)
         da, cols, base = self._channel_change(zo.astype(np.float32), o, piece, wp - w0, wm - w0)
         y = self._activation("y", y_rest.shape, y_rest.dtype)   # layer m's output for W: y_rest + its channel o
+        self._ysums = None
         if isinstance(self.mix, Conv2d) and channels_last(y_rest) and channels_last(y):
-            conv_block(self.layers, self.m, base, slice(o, o + 1), out=y.transpose(0, 2, 3, 1), add=y_rest)
+            self._ysums = ChannelSums() if self._sums_for_rest() else None       # 9.: for the batch norm after m
+            conv_block(self.layers, self.m, base, slice(o, o + 1), out=y.transpose(0, 2, 3, 1), add=y_rest,
+                       sums=self._ysums)
         else:
             np.add(y_rest, self._dy(base, o, cols), out=y)
         f = self.engine.losses(self.rest(None, y, da, o, cols), rows, 3)

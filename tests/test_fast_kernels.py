@@ -363,3 +363,24 @@ def test_channel_sums_refused_where_they_do_not_apply(rng):
         FK.conv2d(x, W, padding=1, relu=True, sums=FK.ChannelSums())
     with pytest.raises(ValueError, match="4 images do not split into 3 equal groups"):
         FK.conv2d(x, W, padding=1, sums=FK.ChannelSums(3))
+
+
+def test_staged_bn_relu_from_the_groups_arrays():
+    """staged_bn_relu of a list of the groups' arrays (the candidates' y + dy and y, in arrays of their
+    own) gives the numbers of the same on their concatenation, for blocks across the groups' borders."""
+    rng = np.random.default_rng(11)
+    B, C, H, W = 5, 3, 4, 6
+    parts = [rng.standard_normal((B, H, W, C)).astype(np.float32).transpose(0, 3, 1, 2) for _ in range(3)]
+    whole = np.concatenate([p.transpose(0, 2, 3, 1) for p in parts]).transpose(0, 3, 1, 2)
+    scale, shift = (rng.standard_normal((3, C)).astype(np.float32) for _ in range(2))
+    ref = FK.staged_bn_relu(whole, scale, shift).array()
+    exact = np.maximum(whole * scale.repeat(B, 0)[:, :, None, None] + shift.repeat(B, 0)[:, :, None, None], 0)
+    assert np.abs(ref - exact).max() < 1e-6
+    staged = FK.staged_bn_relu(parts, scale, shift)
+    assert staged.shape == whole.shape
+    out = np.empty((3 * B, H, W, C), np.float32)
+    for s, e in ((0, 3), (3, 11), (11, 3 * B)):
+        staged.fill(out[s:e], s, e)
+    assert np.array_equal(out.transpose(0, 3, 1, 2), ref)
+    with pytest.raises(ValueError, match="2 arrays for 3 groups"):
+        FK.staged_bn_relu(parts[:2], scale, shift)

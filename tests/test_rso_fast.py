@@ -126,6 +126,29 @@ def test_kept_channels_match_literal(monkeypatch):
     assert used["first"] + used["updated"] < trials
 
 
+@pytest.mark.parametrize("sums", [True, False])
+def test_candidates_take_their_statistics_as_the_convs_write(sums, monkeypatch):
+    """Shortcut 9 in the candidates' route: with kept channels (conv weights) y's statistics come from its
+    own convolution, in the other channel-delta passes (batch norm, conv1) from a pass over y; both make
+    the literal engine's decisions, and so does the route without shortcut 9."""
+    used = {"kept": 0, "pass": 0}
+    real = rso_fast.ChannelDelta._rest_sums
+
+    def counted(self, y, *args):
+        used["kept" if self._ysums is not None else "pass"] += 1
+        return real(self, y, *args)
+
+    monkeypatch.setattr(rso_fast, "KEPT_VISITS", 1)
+    monkeypatch.setattr(rso_fast, "SUMS_IN_CONV", sums)
+    monkeypatch.setattr(rso_fast.ChannelDelta, "_rest_sums", counted)
+    compare(np, lambda: paper_mnist(batch_norm=True, channels=4, bn_eps=1e-3, global_pool="max"), 14,
+            monkeypatch=monkeypatch, **dict(AUTHORS, bn_reference_images=100))
+    if sums:
+        assert used["kept"] > 300 and used["pass"] > 50, used
+    else:
+        assert used == {"kept": 0, "pass": 0}
+
+
 def test_bn_global_max_matches_literal(monkeypatch):
     """Shortcut 5's batch norm then global max pooling from each channel's extremes is what the authors'
     network (global max pooling after its last batch norm) runs, its minima too (bn6's scale starts
