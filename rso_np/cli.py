@@ -70,7 +70,8 @@ def build_parser():
                            "Writes history.json, history.csv, history.md, loss.png and checkpoint.npz into "
                            "--out after every\nround; with RSO the checkpoint also after every layer pass. "
                            "--resume continues a run from its\ncheckpoint with its recorded settings; an "
-                           "option that contradicts them is an error, and so is a folder where another\nprocess is training."))
+                           "option that contradicts them is an error, as is a\nfolder where another process "
+                           "is training."))
     g = t.add_argument_group("data and model")
     g.add_argument("--dataset", choices=DATASETS, help="(default: mnist)")
     g.add_argument("--data-dir", metavar="DIR",
