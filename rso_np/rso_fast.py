@@ -785,9 +785,10 @@ class ChannelDelta:
         return forward_grouped(self.layers[nc + block_size(self.layers, nc):], out, 3, self.ws)
 
     def _rest_staged_bn(self, a, y, da, o, cols):
-        """Batch norm and ReLU between layer m and the next conv: each candidate's statistics from y and dy
-        block by block, and y + dy, batch norm and ReLU done while the next conv copies its input (the 3B
-        batch itself is never stored)."""
+        """Batch norm and ReLU between layer m and the next conv, done while the next conv copies its input:
+        with 9., from the statistics layer m's convs took (``_rest_sums``); without, each candidate's
+        statistics from y and dy block by block, and y + dy made in the copy too (the 3B batch itself is
+        never stored)."""
         bn, nc = self.next_bn, self.after_at + 2
         if not channels_last(y):
             return self._rest(a, y, da, o, cols)
