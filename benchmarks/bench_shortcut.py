@@ -34,6 +34,7 @@ of the repeats, and their ratio.
 - ``SUMS_IN_CONV``: 9. batch norm's statistics taken as the conv before it writes its output
   (``fast_kernels.ChannelSums``), for the candidates after layer m too (``ChannelDelta._rest_sums``),
   against a pass of their own over the output, on the network with global max pooling.
+- ``SUMS_IN_M``: the part of 9. in the candidates' route alone (``SUMS_IN_CONV`` on either way).
 """
 
 import argparse
@@ -71,7 +72,7 @@ def main(argv=None):
                     help="the network's global pooling (default: avg; max with --shortcut GLOBAL_MAX, BN_GLOBAL_MAX "
                          "or SUMS_IN_CONV)")
     ap.add_argument("--shortcut", choices=("KEPT", "STAGED_BN", "PER_CHUNK", "GLOBAL_MAX", "BN_GLOBAL_MAX",
-                                           "SUMS_IN_CONV"),
+                                           "SUMS_IN_CONV", "SUMS_IN_M"),
                     default="KEPT",
                     help="the switch in rso_fast of the shortcut to time (default: KEPT, kept channels)")
     ap.add_argument("--batch-sizes", default="1000,2000,5000")
@@ -81,8 +82,8 @@ def main(argv=None):
     ap.add_argument("--out", help="also write the JSON to this file")
     args = ap.parse_args(argv)
     x, y, source = training_images(args.data_dir)
-    args.global_pool = args.global_pool or ("max" if args.shortcut in ("GLOBAL_MAX", "BN_GLOBAL_MAX", "SUMS_IN_CONV")
-                                            else "avg")
+    args.global_pool = args.global_pool or ("max" if args.shortcut in ("GLOBAL_MAX", "BN_GLOBAL_MAX", "SUMS_IN_CONV",
+                                                                 "SUMS_IN_M") else "avg")
     res = {"model": "paper_mnist_bn", "global_pool": args.global_pool, "images": source,
            "date": datetime.date.today().isoformat(),
            "machine": f"{platform.machine()}", "numpy": np.__version__, "shortcut": args.shortcut,

@@ -574,35 +574,42 @@ class ChannelSums:
     of it in each of ``groups`` equal consecutive groups of images (one per candidate), so batch norm
     needs no pass of its own over the output (``bn_scale_shift`` reads all of it from memory again).
 
-    Float32 sums per block (one product with a row of ones, the squares through a small buffer), float64
-    across blocks in block order: the same numbers whichever core summed which block, as accurate as
-    ``bn_scale_shift``, equal to it up to float rounding."""
+    Float32 sums over a few thousand rows (one product with a row of ones, the squares through a small
+    buffer), float64 across them, block by block, and across blocks in block order: the same numbers
+    whichever core summed which block, as accurate as ``bn_scale_shift``, equal to it up to float rounding."""
 
     def __init__(self, groups=1):
         self.groups, self.parts = groups, None
+
+    ROWS = 4096                        # rows summed at a time: with their squares, well inside a core's L2
 
     def start(self, images, block, rows, C, dtype):
         """Before the convolution: ``images`` in blocks of ``block``, ``rows`` output pixels per image."""
         if images % self.groups:
             raise ValueError(f"ChannelSums: {images} images do not split into {self.groups} equal groups")
         self.size, self.block, self.rows, self.dtype = images // self.groups, block, rows, np.dtype(dtype)
-        self.parts = np.zeros((2, -(-images // block), self.groups, C), dtype=dtype)
+        self.parts = np.zeros((2, -(-images // block), self.groups, C))
 
     def add(self, o, s, e):
-        """The block of images s..e-1, its outputs o ((e - s) * rows, C), into each group's sums."""
-        b, B, rows = s // self.block, self.size, self.rows
-        ones = _ones(self.block * rows, o.dtype)
-        sq = _thread_buffer("sums_sq", (self.block * rows, o.shape[1]), o.dtype)
+        """The block of images s..e-1, its outputs o ((e - s) * rows, C), into each group's sums, a few
+        thousand rows at a time (a block of a conv with few input channels can be larger than the cache)."""
+        b, B, rows, n = s // self.block, self.size, self.rows, self.ROWS
+        ones = _ones(n, o.dtype)
+        sq = _thread_buffer("sums_sq", (n, o.shape[1]), o.dtype)
+        s1, s2 = np.empty((2, o.shape[1]), o.dtype)
         for g in range(s // B, (e - 1) // B + 1):             # the groups this block spans
             a, z = (max(s, g * B) - s) * rows, (min(e, (g + 1) * B) - s) * rows
-            part = o[a:z]
-            np.matmul(ones[:z - a], part, out=self.parts[0, b, g])
-            np.multiply(part, part, out=sq[:z - a])
-            np.matmul(ones[:z - a], sq[:z - a], out=self.parts[1, b, g])
+            for r in range(a, z, n):
+                part = o[r:min(z, r + n)]
+                np.matmul(ones[:len(part)], part, out=s1)
+                np.multiply(part, part, out=sq[:len(part)])
+                np.matmul(ones[:len(part)], sq[:len(part)], out=s2)
+                self.parts[0, b, g] += s1
+                self.parts[1, b, g] += s2
 
     def scale_shift(self, gamma, beta, eps):
         """(scale, shift), each (groups, C), as ``bn_scale_shift`` of the convolution's output gives them."""
-        total = self.parts.sum(axis=1, dtype=np.float64) / (self.size * self.rows)
+        total = self.parts.sum(axis=1) / (self.size * self.rows)
         return _scale_shift(total[0], total[1], gamma, beta, eps, self.dtype)
 
 

@@ -105,6 +105,7 @@ PER_CHUNK = True    # with the minibatch's batch-norm statistics and chunks, sto
 GLOBAL_MAX = True   # on the CPU, global max pooling of a channels-last array as a tree of maxima (fast_kernels.global_max)
 BN_GLOBAL_MAX = True  # on the CPU, batch norm then global max pooling from each channel's extremes (5., bn_global_max)
 SUMS_IN_CONV = True  # on the CPU, a batch norm's statistics taken as the conv before it writes (9., ChannelSums)
+SUMS_IN_M = True     # ... for the candidates after layer m too: m's conv of the changes writes y + dy (9., _rest_sums)
 PER_CHANNEL = (ReLU, MaxPool2d, AvgPool2d, BatchNorm2d, GlobalAvgPool2d, GlobalMaxPool2d, Flatten)
 MIXING = (Conv2d, Dense)
 
@@ -804,7 +805,7 @@ class ChannelDelta:
 
     def _sums_for_rest(self):
         """Whether ``_rest_sums`` runs the candidates after layer m (9.; the CPU, a batch norm after m)."""
-        return SUMS_IN_CONV and self.ws is not None and self.next_bn is not None
+        return SUMS_IN_CONV and SUMS_IN_M and self.ws is not None and self.next_bn is not None
 
     def _rest_sums(self, y, da, o, nc, g, b, eps):
         """9. in the candidates' route: layer m on channel o's two changes writes y + dy for W + dW and
