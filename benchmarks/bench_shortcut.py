@@ -1,13 +1,13 @@
 """A shortcut of the fast engine against the same engine without it, by minibatch, in one run.
 
-    python benchmarks/bench_shortcut.py [--shortcut KEPT|STAGED_BN|PER_CHUNK|GLOBAL_MAX|BN_GLOBAL_MAX|SUMS_IN_CONV]
+    python benchmarks/bench_shortcut.py [--shortcut KEPT|STAGED_BN|PER_CHUNK|GLOBAL_MAX|BN_GLOBAL_MAX]
                                         [--global-pool avg|max]
                                         [--batch-sizes 1000,2000,5000]
                                         [--layers conv2.weight,conv3.weight] [--repeats 2] [--data-dir DIR]
                                         [--out FILE]
 
 The authors' search (``--preset paper``'s ``rso.AUTHORS`` on ``paper_mnist_bn``, batch-norm epsilon 1e-3,
-global pooling ``--global-pool``: avg by default, max for ``GLOBAL_MAX``, ``BN_GLOBAL_MAX`` and ``SUMS_IN_CONV``):
+global pooling ``--global-pool``: avg by default, max for ``GLOBAL_MAX`` and ``BN_GLOBAL_MAX``):
 for each minibatch and layer, the trials of the layer's first output channel (C_in*KH*KW of them) are
 timed with the shortcut and without (its switch in ``rso_fast``), in turns, ``--repeats`` times each, on
 the chunks in the order a pass takes them. It prints one JSON object: seconds per trial for both, the best
@@ -31,10 +31,6 @@ of the repeats, and their ratio.
 - ``BN_GLOBAL_MAX``: the last batch norm and the global max pooling after it from each channel's maxima
   (or minima) of the candidates' batch (``fast_kernels.bn_global_max``), against batch norm of the whole
   batch and then its maxima, on the network with global max pooling.
-- ``SUMS_IN_CONV``: 9. batch norm's statistics taken as the conv before it writes its output
-  (``fast_kernels.ChannelSums``), for the candidates after layer m too (``ChannelDelta._rest_sums``),
-  against a pass of their own over the output, on the network with global max pooling.
-- ``SUMS_IN_M``: the part of 9. in the candidates' route alone (``SUMS_IN_CONV`` on either way).
 """
 
 import argparse
@@ -69,10 +65,8 @@ def time_layer(eng, unit, flag, on, trials):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--global-pool", choices=sorted(GLOBAL_POOLS),
-                    help="the network's global pooling (default: avg; max with --shortcut GLOBAL_MAX, BN_GLOBAL_MAX "
-                         "or SUMS_IN_CONV)")
-    ap.add_argument("--shortcut", choices=("KEPT", "STAGED_BN", "PER_CHUNK", "GLOBAL_MAX", "BN_GLOBAL_MAX",
-                                           "SUMS_IN_CONV", "SUMS_IN_M"),
+                    help="the network's global pooling (default: avg; max with --shortcut GLOBAL_MAX or BN_GLOBAL_MAX)")
+    ap.add_argument("--shortcut", choices=("KEPT", "STAGED_BN", "PER_CHUNK", "GLOBAL_MAX", "BN_GLOBAL_MAX"),
                     default="KEPT",
                     help="the switch in rso_fast of the shortcut to time (default: KEPT, kept channels)")
     ap.add_argument("--batch-sizes", default="1000,2000,5000")
@@ -82,8 +76,7 @@ def main(argv=None):
     ap.add_argument("--out", help="also write the JSON to this file")
     args = ap.parse_args(argv)
     x, y, source = training_images(args.data_dir)
-    args.global_pool = args.global_pool or ("max" if args.shortcut in ("GLOBAL_MAX", "BN_GLOBAL_MAX", "SUMS_IN_CONV",
-                                                                 "SUMS_IN_M") else "avg")
+    args.global_pool = args.global_pool or ("max" if args.shortcut in ("GLOBAL_MAX", "BN_GLOBAL_MAX") else "avg")
     res = {"model": "paper_mnist_bn", "global_pool": args.global_pool, "images": source,
            "date": datetime.date.today().isoformat(),
            "machine": f"{platform.machine()}", "numpy": np.__version__, "shortcut": args.shortcut,

@@ -43,7 +43,7 @@ from bench_rso import training_images  # noqa: E402
 
 TRIAL_STEPS = ("_kept", "_first_visit", "_output", "_output_staged", "_output_conv_weight", "_output_bn",
                "_through_mix", "_through_mix_staged", "_channel_change", "_dy", "_rest", "_rest_staged",
-               "_rest_staged_bn", "_rest_sums", "_rest_unmixed")
+               "_rest_staged_bn", "_rest_unmixed")
 KERNELS = ("bn_scale_shift", "candidates_bn_scale_shift", "bn_global_avg", "batch_norm", "conv_global_avg")
 
 
@@ -89,7 +89,6 @@ class StepTimer:
             make = getattr(FK, name)
             setattr(FK, name, lambda *a, make=make, name=name: self.wrap(f"im2col {name}", make(*a)))
         FK._relu = self.wrap("_relu", FK._relu)
-        FK.ChannelSums.add = self.wrap("ChannelSums.add", FK.ChannelSums.add)     # 9.: per block, in the conv
         init = FK.Staged.__init__
 
         def staged_init(st, fill, shape, dtype):          # each staged fill, by the function that made it

@@ -16,8 +16,6 @@ here                                        equals
 ``bn_global_max(x, gamma, beta, eps)``      ``global_max(batch_norm(...))``, bit for bit (zeros' signs aside)
 ``batch_norm``, ``bn_scale_shift``,         ``functional.batch_norm2d`` with each group's statistics
 ``candidates_bn_scale_shift``               (the last: of the candidates' batch, never made)
-``conv2d(..., sums=ChannelSums(groups))``   and ``ChannelSums.scale_shift``: ``bn_scale_shift`` of the
-                                            output, summed as each block of it is written
 ``gather_channels(acts, rows, channels)``   ``acts[rows][:, channels]``
 ``Staged`` (``staged_rows``, ``staged_relu``,  the array it stands for (``acts[rows]``, ``relu(y)``,
 ``staged_candidates``)                      the 3B batch of candidates)
@@ -308,10 +306,9 @@ def _take(ws, key, shape, dtype):
 # --------------------------------------------------------------------------- convolution
 
 
-def conv2d(x, W, b=None, stride=1, padding=0, out=None, relu=False, ws=None, key=None, add=None, sums=None):
+def conv2d(x, W, b=None, stride=1, padding=0, out=None, relu=False, ws=None, key=None, add=None):
     """``functional.conv2d(x, W, b, stride, padding)``, plus ``add`` if given, followed by ReLU if
-    ``relu``: (N, C_out, OH, OW). ``sums``: a ``ChannelSums`` that takes batch norm's statistics of the
-    output while each block of it is in the cache (NumPy; not with ``relu``).
+    ``relu``: (N, C_out, OH, OW).
 
     x: an (N, C_in, H, W) array, or (NumPy) a ``Staged`` batch. ``out``: an (N, OH, OW, C_out) array to
     write the result into (the result is its NCHW view); ``ws``, ``key``: a ``Workspace`` and the name
@@ -320,8 +317,6 @@ def conv2d(x, W, b=None, stride=1, padding=0, out=None, relu=False, ws=None, key
     itself (the whole batch in one product); on NumPy the product runs a block of images at a time (see
     ``_conv_blocks``).
     """
-    if sums is not None and (relu or get_array_module(W) is not np):
-        raise ValueError("conv2d: sums= is for a NumPy convolution without relu")
     if get_array_module(W) is not np:
         y = F.conv2d(x.array() if isinstance(x, Staged) else x, W, b, stride, padding)
         if add is not None:
@@ -353,14 +348,12 @@ def conv2d(x, W, b=None, stride=1, padding=0, out=None, relu=False, ws=None, key
     if add is not None and (add.shape != (shape[0], C_out, OH, OW) or not channels_last(add)):
         raise ValueError(f"add must be a channels-last array of shape {(shape[0], C_out, OH, OW)}, got {add.shape}")
     add2 = None if add is None else add.transpose(0, 2, 3, 1).reshape(-1, C_out)
-    if sums is not None:
-        sums.start(x.shape[0], min(block, x.shape[0]), OH * OW, C_out, x.dtype)
     _run_split(x.shape[0], block, lambda blocks: _conv_blocks(x, blocks, Wm, out, KH, KW, stride, padding,
-                                                              min(block, x.shape[0]), bias, relu, add2, sums))
+                                                              min(block, x.shape[0]), bias, relu, add2))
     return out.transpose(0, 3, 1, 2)
 
 
-def _conv_blocks(x, blocks, Wm, out, KH, KW, stride, padding, n, bias, relu, add=None, sums=None):
+def _conv_blocks(x, blocks, Wm, out, KH, KW, stride, padding, n, bias, relu, add=None):
     """The blocks of images (start, stop) of ``conv2d`` of the Staged batch x into out (N, OH, OW, C_out);
     n: the largest block.
 
@@ -387,8 +380,6 @@ def _conv_blocks(x, blocks, Wm, out, KH, KW, stride, padding, n, bias, relu, add
             o += bias
         if add is not None:
             o += add[s * rows:e * rows]
-        if sums is not None:
-            sums.add(o, s, e)
         if relu:
             _relu(o, o)
 
@@ -467,14 +458,14 @@ def conv_global_avg(x, W, b=None, stride=1, padding=0, ws=None, key=None):
 
 
 def conv_avg_pool(x, W, b=None, padding=0, pool=2, pool_stride=None, ws=None, key=None, out=None, relu=False,
-                  add=None, sums=None):
+                  add=None):
     """avg_pool2d(conv2d(x, W, b, 1, padding), pool, pool_stride) as one strided convolution.
 
     Both steps are linear: output (i, j) averages the convolution at rows i*ps + a, columns j*ps + c
     (a, c < pool), so it is one convolution of stride ps with the (KH + pool - 1) x (KW + pool - 1) kernel
     W' = sum over (a, c) of W shifted by (a, c), / pool^2. For a 3x3 kernel and 2x2 pooling that is 16
     taps per pooled output instead of 4 x 9, and no pooling pass. Same numbers up to float rounding.
-    ``out``, ``relu``, ``ws``, ``key``, ``add``, ``sums``: as in ``conv2d``.
+    ``out``, ``relu``, ``ws``, ``key``, ``add``: as in ``conv2d``.
     """
     xp = get_array_module(W)
     ps = pool if pool_stride is None else pool_stride
@@ -483,7 +474,7 @@ def conv_avg_pool(x, W, b=None, padding=0, pool=2, pool_stride=None, ws=None, ke
     for a in range(pool):
         for c in range(pool):
             W2[:, :, a:a + KH, c:c + KW] += W
-    return conv2d(x, W2 * W.dtype.type(1.0 / (pool * pool)), b, ps, padding, out, relu, ws, key, add, sums)
+    return conv2d(x, W2 * W.dtype.type(1.0 / (pool * pool)), b, ps, padding, out, relu, ws, key, add)
 
 
 # --------------------------------------------------------------------------- batch norm
@@ -568,66 +559,13 @@ def _scale_shift(mean, sq, gamma, beta, eps, dtype):
     return scale, beta - mean32 * scale
 
 
-class ChannelSums:
-    """Batch norm's statistics of a convolution's output, taken while ``conv2d(..., sums=)`` writes it:
-    each block of outputs, still in the cache, gives the per-channel sum and sum of squares of the part
-    of it in each of ``groups`` equal consecutive groups of images (one per candidate), so batch norm
-    needs no pass of its own over the output (``bn_scale_shift`` reads all of it from memory again).
-
-    Float32 sums over a few thousand rows (one product with a row of ones, the squares through a small
-    buffer), float64 across them, block by block, and across blocks in block order: the same numbers
-    whichever core summed which block, as accurate as ``bn_scale_shift``, equal to it up to float rounding."""
-
-    def __init__(self, groups=1):
-        self.groups, self.parts = groups, None
-
-    ROWS = 4096                        # rows summed at a time: with their squares, well inside a core's L2
-
-    def start(self, images, block, rows, C, dtype):
-        """Before the convolution: ``images`` in blocks of ``block``, ``rows`` output pixels per image."""
-        if images % self.groups:
-            raise ValueError(f"ChannelSums: {images} images do not split into {self.groups} equal groups")
-        self.size, self.block, self.rows, self.dtype = images // self.groups, block, rows, np.dtype(dtype)
-        self.parts = np.zeros((2, -(-images // block), self.groups, C))
-
-    def add(self, o, s, e):
-        """The block of images s..e-1, its outputs o ((e - s) * rows, C), into each group's sums, a few
-        thousand rows at a time (a block of a conv with few input channels can be larger than the cache)."""
-        b, B, rows, n = s // self.block, self.size, self.rows, self.ROWS
-        ones = _ones(n, o.dtype)
-        sq = _thread_buffer("sums_sq", (n, o.shape[1]), o.dtype)
-        s1, s2 = np.empty((2, o.shape[1]), o.dtype)
-        for g in range(s // B, (e - 1) // B + 1):             # the groups this block spans
-            a, z = (max(s, g * B) - s) * rows, (min(e, (g + 1) * B) - s) * rows
-            for r in range(a, z, n):
-                part = o[r:min(z, r + n)]
-                np.matmul(ones[:len(part)], part, out=s1)
-                np.multiply(part, part, out=sq[:len(part)])
-                np.matmul(ones[:len(part)], sq[:len(part)], out=s2)
-                self.parts[0, b, g] += s1
-                self.parts[1, b, g] += s2
-
-    def scale_shift(self, gamma, beta, eps):
-        """(scale, shift), each (groups, C), as ``bn_scale_shift`` of the convolution's output gives them."""
-        total = self.parts.sum(axis=1) / (self.size * self.rows)
-        return _scale_shift(total[0], total[1], gamma, beta, eps, self.dtype)
-
-
-def _ones(n, dtype):
-    """n ones, a view of this thread's one buffer of ones (grown when too small, never written)."""
-    v = getattr(_threads, "ones", None)
-    if v is None or v.size < n or v.dtype != dtype:
-        v = _threads.ones = np.ones(max(n, 0 if v is None or v.dtype != dtype else v.size), dtype=dtype)
-    return v[:n]
-
-
-def bn_global_avg(x, gamma, beta, eps, groups=1, norm=None):
+def bn_global_avg(x, gamma, beta, eps, groups=1):
     """global_avg_pool2d(batch_norm(x_g)) with the batch statistics of each of ``groups`` consecutive
     equal blocks x_g of x (NumPy, channels-last): (N, C). Batch norm is affine per channel, so it is
     applied to the pooled channels; the normalised images are never made. Same numbers up to float
-    rounding. ``norm``: (scale, shift) already taken (``ChannelSums``)."""
+    rounding."""
     N, C, H, W = x.shape
-    scale, shift = bn_scale_shift(x, gamma, beta, eps, groups) if norm is None else norm
+    scale, shift = bn_scale_shift(x, gamma, beta, eps, groups)
     pooled = np.ones(H * W, dtype=x.dtype) @ x.transpose(0, 2, 3, 1).reshape(N, H * W, C)
     pooled *= x.dtype.type(1.0 / (H * W))
     return (pooled.reshape(groups, -1, C) * scale[:, None] + shift[:, None]).reshape(N, C)
@@ -653,7 +591,7 @@ def _tree(a, op):
     return a[:, 0]
 
 
-def bn_global_max(x, gamma, beta, eps, groups=1, norm=None):
+def bn_global_max(x, gamma, beta, eps, groups=1):
     """global_max_pool2d(batch_norm(x_g)) with the batch statistics of each of ``groups`` consecutive
     equal blocks x_g of x (NumPy, channels-last): (N, C), the numbers of ``global_max(batch_norm(...))``
     without the normalised images.
@@ -663,11 +601,11 @@ def bn_global_max(x, gamma, beta, eps, groups=1, norm=None):
     scale_c < 0 the normalised smallest. So only the maxima (and, for a channel with a negative scale,
     the minima) of x are taken, image by image on every core inside ``parallel_cpu()``, and normalised.
     Equal to the long way bit for bit, up to the sign of a zero (which compares equal); a scale of
-    exactly 0 takes the long way. ``norm``: (scale, shift) already taken (``ChannelSums``)."""
+    exactly 0 takes the long way."""
     N, C, H, W = x.shape
-    scale, shift = bn_scale_shift(x, gamma, beta, eps, groups) if norm is None else norm
+    scale, shift = bn_scale_shift(x, gamma, beta, eps, groups)
     if not scale.all():
-        return global_max(batch_norm(x, gamma, beta, eps, groups, norm=(scale, shift)))
+        return global_max(batch_norm(x, gamma, beta, eps, groups))
     negative = scale < 0                                   # (groups, C)
     a = x.transpose(0, 2, 3, 1).reshape(N, H * W, C)
     hi = np.empty((N, C), dtype=x.dtype)
@@ -689,15 +627,9 @@ def bn_global_max(x, gamma, beta, eps, groups=1, norm=None):
 
 def staged_bn_relu(x, scale, shift):
     """relu(x * scale[g] + shift[g]) for the images of group g (``bn_scale_shift``), applied while a
-    convolution copies x: batch norm and ReLU cost no pass over memory of their own. x: an (N, C, H, W)
-    array stored channels-last, or a list of the groups' arrays (each (N / groups, C, H, W), channels-last),
-    which then need not lie in one array."""
-    parts = list(x) if isinstance(x, (list, tuple)) else [x]
-    G, (n, C, H, W) = scale.shape[0], parts[0].shape
-    srcs = [p.transpose(0, 2, 3, 1).reshape(p.shape[0], H * W * C) for p in parts]
-    B = n * len(parts) // G                                 # images per group
-    if len(parts) not in (1, G) or any(p.shape != parts[0].shape for p in parts):
-        raise ValueError(f"staged_bn_relu: {len(parts)} arrays for {G} groups")
+    convolution copies x: batch norm and ReLU cost no pass over memory of their own."""
+    N, C, H, W = x.shape
+    src, B = x.transpose(0, 2, 3, 1).reshape(N, H * W * C), N // scale.shape[0]
     scale, shift = _per_pixel(scale, H * W), _per_pixel(shift, H * W)
 
     def fill(dst, s, e):
@@ -705,23 +637,21 @@ def staged_bn_relu(x, scale, shift):
         flat = tmp.reshape(tmp.shape[0], -1)
         for g in range(s // B, (e - 1) // B + 1):           # the groups this block of images spans
             a, b = max(s, g * B), min(e, (g + 1) * B)
-            src, off = (srcs[g], g * B) if len(srcs) > 1 else (srcs[0], 0)
             t = flat[a - s:b - s]                           # contiguous: numpy's loops run faster there
-            np.multiply(src[a - off:b - off], scale[g], out=t)
+            np.multiply(src[a:b], scale[g], out=t)
             t += shift[g]
             _relu(tmp[a - s:b - s], dst[a - s:b - s])
-    return Staged(fill, (B * G, C, H, W), parts[0].dtype)
+    return Staged(fill, x.shape, x.dtype)
 
 
-def batch_norm(x, gamma, beta, eps, groups=1, ws=None, key=None, norm=None):
+def batch_norm(x, gamma, beta, eps, groups=1, ws=None, key=None):
     """``functional.batch_norm2d(x_g, gamma, beta, eps=eps)[0]`` with the batch statistics of each of
     ``groups`` consecutive equal blocks x_g of x (N, C, H, W), the blocks concatenated: (N, C, H, W).
 
     On NumPy, for x stored channels-last (as conv2d writes it): the statistics from the channel sums of
     the (N*H*W, C) matrix, then out = x * scale + shift with scale = gamma / sqrt(var + eps) and
     shift = beta - mean * scale, one pass. Same numbers up to float rounding. Otherwise (CuPy, other
-    layouts) the reference itself, block by block. ``ws``, ``key``: a Workspace array for the output;
-    ``norm``: (scale, shift) already taken (``ChannelSums``; channels-last NumPy only).
+    layouts) the reference itself, block by block. ``ws``, ``key``: a Workspace array for the output.
     """
     N, C, H, W = x.shape
     B = N // groups
@@ -729,7 +659,7 @@ def batch_norm(x, gamma, beta, eps, groups=1, ws=None, key=None, norm=None):
         return get_array_module(x).concatenate([F.batch_norm2d(x[k * B:(k + 1) * B], gamma, beta, eps=eps)[0]
                                                 for k in range(groups)])
     v = x.transpose(0, 2, 3, 1).reshape(groups, B * H * W, C)
-    scale, shift = bn_scale_shift(x, gamma, beta, eps, groups) if norm is None else norm
+    scale, shift = bn_scale_shift(x, gamma, beta, eps, groups)
     out = _take(ws, key, (N, H, W, C), x.dtype)
     out = np.empty((N, H, W, C), dtype=x.dtype) if out is None else out
     o = out.reshape(groups, B, H * W * C)

@@ -43,13 +43,6 @@ each a named step below:
    minibatch is always one of the pass's chunks, and the layers before d do not change during the pass:
    so the input of layer d is stored for each chunk, computed on that chunk with its own statistics, and
    the trials gather it as in 1. (and 2. and 7. apply as with a stored input).
-9. Statistics as the conv writes (``_conv_with_sums``, ``ChannelDelta._rest_sums``). Batch norm with the
-   minibatch's statistics right after a conv reads all of the conv's output for its sums before it
-   normalises it. On the CPU the sums are taken as each block of the output is written, while it is
-   still in the cache (``fast_kernels.ChannelSums``): in the network after layer m, and for layer m's
-   output itself, which for the two perturbed candidates the conv of channel o's changes writes whole
-   (y added to each block as it is written, where before it wrote dy, and y + dy was summed and made
-   again from memory). The same statistics up to float rounding (float32 sums over blocks of another size).
 
 How the arrays are computed on the CPU (a few images at a time on every core, the minibatch gather, a
 ReLU and the candidates' y + dy done while a convolution copies its input, trial arrays kept between
@@ -69,7 +62,6 @@ import numpy as np
 from . import functional as F
 from .backend import get_array_module
 from .fast_kernels import (
-    ChannelSums,
     Staged,
     Workspace,
     batch_norm,
@@ -104,8 +96,6 @@ KEPT_VISITS = 2
 PER_CHUNK = True    # with the minibatch's batch-norm statistics and chunks, store the searched layer's input per chunk (8.)
 GLOBAL_MAX = True   # on the CPU, global max pooling of a channels-last array as a tree of maxima (fast_kernels.global_max)
 BN_GLOBAL_MAX = True  # on the CPU, batch norm then global max pooling from each channel's extremes (5., bn_global_max)
-SUMS_IN_CONV = True  # on the CPU, a batch norm's statistics taken as the conv before it writes (9., ChannelSums)
-SUMS_IN_M = True     # ... for the candidates after layer m too: m's conv of the changes writes y + dy (9., _rest_sums)
 PER_CHANNEL = (ReLU, MaxPool2d, AvgPool2d, BatchNorm2d, GlobalAvgPool2d, GlobalMaxPool2d, Flatten)
 MIXING = (Conv2d, Dense)
 
@@ -149,14 +139,13 @@ def block_size(layers, i):
     return 1 if _folded_pool(layers, i) is None else 2
 
 
-def conv_block(layers, i, x, in_channels=None, ws=None, out=None, relu=False, weight=None, add=None, sums=None):
+def conv_block(layers, i, x, in_channels=None, ws=None, out=None, relu=False, weight=None, add=None):
     """Conv layers[i] with the average pooling right after it folded in, applied to x (an array, or a
     ``Staged`` batch on the CPU). ``in_channels``: only that slice of the input channels (no bias), for a
     change that lives in those channels. ``weight``: this kernel in place of the layer's (no bias; the
     layer's stride, padding and pooling). ``ws``: a ``Workspace`` to take the output from; ``out``: an
     (N, OH, OW, C_out) array to write it into and ``relu``: ReLU applied to it; ``add``: an array added to
-    it; ``sums``: a ``ChannelSums`` to take batch norm's statistics of the output as it is written
-    (``fast_kernels.conv2d``; ``out``, ``relu``, ``add`` and ``sums``: not for global average pooling)."""
+    it (``fast_kernels.conv2d``; ``out``, ``relu`` and ``add``: not for global average pooling)."""
     conv, pool = layers[i], _folded_pool(layers, i)
     key = (id(conv), in_channels is not None, weight is not None)
     W, b = conv.params["weight"], conv.params.get("bias")
@@ -165,77 +154,60 @@ def conv_block(layers, i, x, in_channels=None, ws=None, out=None, relu=False, we
     if weight is not None:
         W, b = weight, None
     if isinstance(pool, GlobalAvgPool2d):
-        if out is not None or relu or add is not None or sums is not None:
-            raise ValueError("conv_block: out=, relu=, add= and sums= are not for a conv folded with global pooling")
+        if out is not None or relu or add is not None:
+            raise ValueError("conv_block: out=, relu= and add= are not for a conv folded with global pooling")
         return conv_global_avg(x, W, b, conv.stride, conv.padding, ws, key)
     if isinstance(pool, AvgPool2d):
-        return conv_avg_pool(x, W, b, conv.padding, pool.kernel_size, pool.stride, ws, key, out, relu, add, sums)
-    return conv2d(x, W, b, conv.stride, conv.padding, out, relu, ws, key, add, sums)
+        return conv_avg_pool(x, W, b, conv.padding, pool.kernel_size, pool.stride, ws, key, out, relu, add)
+    return conv2d(x, W, b, conv.stride, conv.padding, out, relu, ws, key, add)
 
 
 # --------------------------------------------------------------------------- 4. batched candidates
 
 
-def forward_grouped(layers, x, groups=1, ws=None, sums=None):
+def forward_grouped(layers, x, groups=1, ws=None):
     """Run ``layers`` on a batch made of ``groups`` minibatches stacked along N (batch norm keeps each
     minibatch's own statistics); a conv and the average pooling after it run as one ``conv_block``, and
-    on the CPU a ReLU right before a conv is applied as the conv copies its input (``staged_relu``), and
-    a batch norm right after a conv takes its statistics as the conv writes its output (9.; ``sums``: those
-    of a batch norm at layers[0], so taken by the caller)."""
-    i = 0                              # sums: the statistics of the batch norm at layers[i], if taken (9.)
+    on the CPU a ReLU right before a conv is applied as the conv copies its input (``staged_relu``)."""
+    i = 0
     while i < len(layers):
         layer = layers[i]
         if isinstance(x, Staged) and not isinstance(layer, Conv2d):
             x = x.array()
-        norm, sums = (None if sums is None or not isinstance(layer, BatchNorm2d) else
-                      sums.scale_shift(layer.params["weight"], layer.params["bias"], layer.eps)), None
         if (isinstance(layer, ReLU) and i + 1 < len(layers) and isinstance(layers[i + 1], Conv2d)
                 and not isinstance(x, Staged) and _staging(get_array_module(x))):
-            x, sums = _conv_with_sums(layers, i + 1, staged_relu(x), groups, ws)
+            x = conv_block(layers, i + 1, staged_relu(x), ws=ws)
             i += 1 + block_size(layers, i + 1)
         elif (isinstance(layer, BatchNorm2d) and layer.training and [type(l) for l in layers[i + 1:i + 3]] == [ReLU, Conv2d]
               and not isinstance(x, Staged) and _staging(np) and channels_last(x)):
             # batch norm (each minibatch's statistics) and ReLU applied as the next conv copies its input
-            scale, shift = norm if norm is not None else bn_scale_shift(
-                x, layer.params["weight"], layer.params["bias"], layer.eps, groups)
-            x, sums = _conv_with_sums(layers, i + 2, staged_bn_relu(x, scale, shift), groups, ws)
+            scale, shift = bn_scale_shift(x, layer.params["weight"], layer.params["bias"], layer.eps, groups)
+            x = conv_block(layers, i + 2, staged_bn_relu(x, scale, shift), ws=ws)
             i += 2 + block_size(layers, i + 2)
         elif (isinstance(layer, BatchNorm2d) and layer.training and i + 1 < len(layers)
               and isinstance(layers[i + 1], GlobalAvgPool2d) and channels_last(x)):
             # global pooling after batch norm: batch norm of the pooled channels (it is affine per channel)
-            x = bn_global_avg(x, layer.params["weight"], layer.params["bias"], layer.eps, groups, norm)
+            x = bn_global_avg(x, layer.params["weight"], layer.params["bias"], layer.eps, groups)
             i += 2
         elif (isinstance(layer, BatchNorm2d) and layer.training and i + 1 < len(layers)
               and isinstance(layers[i + 1], GlobalMaxPool2d) and BN_GLOBAL_MAX and channels_last(x)):
             # global max pooling after batch norm: batch norm of each channel's maximum (or minimum)
-            x = bn_global_max(x, layer.params["weight"], layer.params["bias"], layer.eps, groups, norm)
+            x = bn_global_max(x, layer.params["weight"], layer.params["bias"], layer.eps, groups)
             i += 2
         elif isinstance(layer, GlobalMaxPool2d) and GLOBAL_MAX and channels_last(x):
             x = global_max(x)                          # the same maxima, in a third of the time
             i += 1
         elif isinstance(layer, Conv2d):
-            x, sums = _conv_with_sums(layers, i, x, groups, ws)
+            x = conv_block(layers, i, x, ws=ws)
             i += block_size(layers, i)
         elif isinstance(layer, BatchNorm2d) and layer.training:       # each minibatch's own statistics
             x = batch_norm(x, layer.params["weight"], layer.params["bias"], layer.eps, groups, ws,
-                           (id(layer), groups, x.shape[1]), norm if channels_last(x) else None)
+                           (id(layer), groups, x.shape[1]))
             i += 1
         else:
             x = layer.forward(x)
             i += 1
     return x.array() if isinstance(x, Staged) else x
-
-
-def _conv_with_sums(layers, i, x, groups, ws):
-    """9. Statistics as the conv writes: ``conv_block(layers, i, x)``, and where a batch norm with each
-    minibatch's statistics follows it on the CPU, a ``ChannelSums`` that took them block by block as the
-    output was written, while it was in the cache (else None)."""
-    j = i + block_size(layers, i)
-    numpy = isinstance(x, Staged) or get_array_module(x) is np
-    sums = (ChannelSums(groups) if SUMS_IN_CONV and numpy and _staging(np) and j < len(layers)
-            and isinstance(layers[j], BatchNorm2d) and layers[j].training
-            and not isinstance(_folded_pool(layers, i), GlobalAvgPool2d) else None)
-    return conv_block(layers, i, x, ws=ws, sums=sums), sums
 
 
 def forward_channel(layers, x, o, groups, ws=None):
@@ -595,7 +567,6 @@ class ChannelDelta:
         cpu = _staging(self.xp)
         self.ws = Workspace() if cpu else None             # the trial's arrays, kept between trials
         self._norm = None                                  # batch norm searched: (h, 1/std, -mean/std)
-        self._ysums = None                                 # 9.: y's statistics, taken as y was written
         if conv and weight:
             self.output = self._output_staged if cpu and self.stored is not None else self._output_conv_weight
         elif cpu and isinstance(self.layer, BatchNorm2d) and self.layer.training:
@@ -786,45 +757,15 @@ class ChannelDelta:
         return forward_grouped(self.layers[nc + block_size(self.layers, nc):], out, 3, self.ws)
 
     def _rest_staged_bn(self, a, y, da, o, cols):
-        """Batch norm and ReLU between layer m and the next conv, done while the next conv copies its input:
-        with 9., from the statistics layer m's convs took (``_rest_sums``); without, each candidate's
-        statistics from y and dy block by block, and y + dy made in the copy too (the 3B batch itself is
-        never stored)."""
-        bn, nc = self.next_bn, self.after_at + 2
-        if not channels_last(y):
+        """Batch norm and ReLU between layer m and the next conv: each candidate's statistics from y and dy
+        block by block, and y + dy, batch norm and ReLU done while the next conv copies its input (the 3B
+        batch itself is never stored)."""
+        dy, bn, nc = self._dy(da, o, cols), self.next_bn, self.after_at + 2
+        if not (channels_last(y) and channels_last(dy)):
             return self._rest(a, y, da, o, cols)
-        g, b, eps = bn.params["weight"], bn.params["bias"], bn.eps
-        if self._sums_for_rest() and isinstance(self.mix, Conv2d):
-            return self._rest_sums(y, da, o, nc, g, b, eps)
-        dy = self._dy(da, o, cols)
-        if not channels_last(dy):
-            return self._rest(a, y, da, o, cols)
-        norm = candidates_bn_scale_shift(y, dy, g, b, eps)
+        norm = candidates_bn_scale_shift(y, dy, bn.params["weight"], bn.params["bias"], bn.eps)
         out = conv_block(self.layers, nc, staged_candidates(y, dy, True, norm), ws=self.ws)
         return forward_grouped(self.layers[nc + block_size(self.layers, nc):], out, 3, self.ws)
-
-    def _sums_for_rest(self):
-        """Whether ``_rest_sums`` runs the candidates after layer m (9.; the CPU, a batch norm after m)."""
-        return SUMS_IN_CONV and SUMS_IN_M and self.ws is not None and self.next_bn is not None
-
-    def _rest_sums(self, y, da, o, nc, g, b, eps):
-        """9. in the candidates' route: layer m on channel o's two changes writes y + dy for W + dW and
-        W - dW (y added to each block as it is written) and takes their statistics as it goes; those of y
-        come from its own convolution (``KeptChannels``) or a pass over it. Then batch norm and ReLU as
-        the next conv copies the three, and the rest of the network."""
-        B = y.shape[0]
-        ypm = self._activation("ypm", (2 * B,) + y.shape[1:], y.dtype)
-        into, norms = ypm.transpose(0, 2, 3, 1), []
-        for k in (0, 1):
-            sums = ChannelSums()
-            conv_block(self.layers, self.m, da[k * B:(k + 1) * B], slice(o, o + 1), out=into[k * B:(k + 1) * B],
-                       add=y, sums=sums)
-            norms.append(sums.scale_shift(g, b, eps))
-        ysums, self._ysums = self._ysums, None
-        mid = ysums.scale_shift(g, b, eps) if ysums is not None else bn_scale_shift(y, g, b, eps)
-        scale, shift = (np.concatenate([norms[0][i], mid[i], norms[1][i]]) for i in (0, 1))
-        out, sums = _conv_with_sums(self.layers, nc, staged_bn_relu([ypm[:B], y, ypm[B:]], scale, shift), 3, self.ws)
-        return forward_grouped(self.layers[nc + block_size(self.layers, nc):], out, 3, self.ws, sums)
 
     def _rest_unmixed(self, a, y, da, o, cols):
         """No mixing layer after d: the changes go straight into a (the output side of the network)."""
@@ -869,11 +810,8 @@ class KeptChannels(ChannelDelta):
         _, piece = self._piece_slice(j, None, hc)
         da, cols, base = self._channel_change(zo.astype(np.float32), o, piece, wp - w0, wm - w0)
         y = self._activation("y", y_rest.shape, y_rest.dtype)   # layer m's output for W: y_rest + its channel o
-        self._ysums = None
         if isinstance(self.mix, Conv2d) and channels_last(y_rest) and channels_last(y):
-            self._ysums = ChannelSums() if self._sums_for_rest() else None       # 9.: for the batch norm after m
-            conv_block(self.layers, self.m, base, slice(o, o + 1), out=y.transpose(0, 2, 3, 1), add=y_rest,
-                       sums=self._ysums)
+            conv_block(self.layers, self.m, base, slice(o, o + 1), out=y.transpose(0, 2, 3, 1), add=y_rest)
         else:
             np.add(y_rest, self._dy(base, o, cols), out=y)
         f = self.engine.losses(self.rest(None, y, da, o, cols), rows, 3)

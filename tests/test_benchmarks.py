@@ -44,9 +44,7 @@ def test_trial_profile_steps():
     steps = res["steps"]
     assert steps["_kept"]["calls_per_trial"] == 1.0 and steps["_rest_staged_bn"]["calls_per_trial"] == 1.0
     assert any(k.startswith("conv2d 300 x 16 x 7x7") for k in steps), sorted(steps)
-    assert steps["_rest_sums"]["calls_per_trial"] == 1.0, "9.: the candidates' statistics as the convs write"
-    assert any(k.startswith("fill staged_bn_relu") for k in steps), sorted(steps)
-    assert steps["ChannelSums.add"]["calls_per_trial"] > 3, "blocks of m's convs of the changes and the next conv"
+    assert any(k.startswith("fill staged_candidates") for k in steps), sorted(steps)
     assert all(v["ms_per_trial"] >= 0 for v in steps.values())
     assert steps["_rest_staged_bn"]["ms_per_trial"] <= 1000 * res["s_per_trial"] * 1.5
 
