@@ -8,7 +8,7 @@ from pathlib import Path
 from .backend import DeviceError
 from .data import DATASETS, NORMALIZATIONS
 from .training import EVAL_BN_STATS
-from .models import GLOBAL_POOLS, MODELS
+from .models import GLOBAL_POOLS, MODELS, model_options
 from .progress import Progress
 from .rso import AUTHORS, BN_STATISTICS, LAYER_ORDERS, MINIBATCHES, SIGMA_FROM, SIGMA_SCHEDULES, RSOConfig
 from .sgd import SGDConfig
@@ -249,8 +249,10 @@ def check_resume(args, saved):
     naming it, the run's value and the given one."""
     for (dest, section, field), v in given_settings(args).items():
         have = getattr(saved, field) if section is None else getattr(saved, section).get(field)
-        if field == "global_pool" and have is None and saved.model.startswith("paper_mnist"):
-            have = "avg"                              # the paper's networks pool with the average by default
+        if field == "bn_eps":                         # None: the model's default, which the run has
+            have = model_options(saved.model, bn_eps=have)[0]
+        elif field == "global_pool":
+            have = model_options(saved.model, global_pool=have)[1]
         if section in ("rso", "sgd") and section != saved.optimizer:
             continue                                  # the other optimiser's options do not apply
         if have != v and not (isinstance(v, float) and have is not None and float(have) == v):

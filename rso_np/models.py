@@ -15,10 +15,12 @@ def _rng(seed):
 
 
 GLOBAL_POOLS = {"avg": GlobalAvgPool2d, "max": GlobalMaxPool2d}
+BN_EPS = 1e-5             # batch norm's epsilon in the paper's network unless told (PyTorch's default)
+GLOBAL_POOL = "avg"       # its global pooling unless told (the paper's description)
 
 
-def paper_mnist(batch_norm=False, seed=0, channels=16, num_classes=10, in_channels=1, bn_eps=1e-5,
-                global_pool="avg"):
+def paper_mnist(batch_norm=False, seed=0, channels=16, num_classes=10, in_channels=1, bn_eps=BN_EPS,
+                global_pool=GLOBAL_POOL):
     """The authors' MNIST network.
 
     conv1..conv6: 3x3, padding 1, ``channels`` channels, no bias; 2x2 average
@@ -90,3 +92,14 @@ def build_model(name, seed=0, bn_eps=None, global_pool=None):
             raise ValueError(f"global_pool is for the paper's networks (paper_mnist, paper_mnist_bn), not {name!r}")
         kw["global_pool"] = global_pool
     return MODELS[name](seed=seed, **kw)
+
+
+def model_options(name, bn_eps=None, global_pool=None):
+    """``(bn_eps, global_pool)`` as ``build_model(name, bn_eps=..., global_pool=...)`` builds them: the
+    given values, or the builder's defaults where None; None for an option that ``name`` does not have.
+    A run recorded with None ran with these, and they are what its settings mean."""
+    if bn_eps is None and name == "paper_mnist_bn":
+        bn_eps = BN_EPS
+    if global_pool is None and name.startswith("paper_mnist"):
+        global_pool = GLOBAL_POOL
+    return bn_eps, global_pool

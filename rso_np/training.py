@@ -29,7 +29,7 @@ from .data import load_dataset
 from .fast_kernels import parallel_cpu
 from .losses import accuracy, logit_cross_entropy
 from .model import CheckpointError, read_npz
-from .models import build_model
+from .models import build_model, model_options
 from .plotting import plot_runs
 from .rso import KEEP, MINUS, PLUS, RSO, RSOConfig
 from .rso_fast import FastRSO
@@ -424,7 +424,14 @@ def runs_markdown(metas):
 
 
 def _flat_settings(settings):
-    """A run's settings with the nested ones (``rso``, ``sgd``) as ``rso.batch_size`` and so on."""
+    """A run's settings as it ran, with the nested ones (``rso``, ``sgd``) as ``rso.batch_size`` and so on.
+    An option the run's record lacks (it was recorded before the option existed) has its default, as
+    ``--resume`` reads it, and a recorded None for bn_eps or global_pool is the model's own value."""
+    defaults = RunConfig().__dict__
+    settings = {**defaults, **settings,
+                **{k: {**defaults[k], **settings.get(k, {})} for k in ("rso", "sgd")}}
+    settings["bn_eps"], settings["global_pool"] = model_options(settings["model"], settings["bn_eps"],
+                                                                settings["global_pool"])
     out = {}
     for k, v in settings.items():
         if isinstance(v, dict):

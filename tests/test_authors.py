@@ -187,3 +187,16 @@ def test_resume_of_a_run_recorded_before_global_pool():
     check_resume(parse("--global-pool", "avg"), saved)
     with pytest.raises(UsageError, match="--global-pool: the run in run has 'avg', given 'max'"):
         check_resume(parse("--global-pool", "max"), saved)
+
+
+def test_resume_of_a_run_with_the_models_batch_norm_epsilon():
+    """A paper_mnist_bn run recorded without --bn-eps ran with the model's epsilon, 1e-5: resuming it with
+    --bn-eps 1e-5 is its own setting, with the authors' 1e-3 a conflict that names both values."""
+    from rso_np.cli import UsageError, build_parser, check_resume
+    from rso_np.training import RunConfig
+    saved = RunConfig(model="paper_mnist_bn")
+    assert saved.bn_eps is None
+    parse = lambda *a: build_parser().parse_args(["train", "--resume", "--out", "run", *a])
+    check_resume(parse("--bn-eps", "1e-5"), saved)
+    with pytest.raises(UsageError, match="--bn-eps: the run in run has 1e-05, given 0.001"):
+        check_resume(parse("--bn-eps", "1e-3"), saved)

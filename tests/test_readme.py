@@ -50,6 +50,19 @@ def test_side_by_side_table():
         runs_markdown(metas[:1])
 
 
+def test_side_by_side_names_what_each_run_ran_with():
+    """An option a run's record lacks (recorded before the option existed) has its default, and None for a
+    model's own option is the model's value: a paper_mnist_bn run recorded before --global-pool beside one
+    with global max pooling is named 'global_pool avg', and one without --bn-eps 'bn_eps 1e-05'."""
+    hist = [{"round": 0, "test_acc": 0.1, "passes": []}]
+    old = {"settings": {"model": "paper_mnist_bn", "seed": 0, "rso": {"batch_size": 5000}}, "history": hist}
+    new = {"settings": {"model": "paper_mnist_bn", "seed": 0, "global_pool": "max", "bn_eps": 1e-3},
+           "history": hist}
+    assert runs_markdown([old, new]).splitlines()[0] == \
+        "| round | bn_eps 1e-05, global_pool avg, rso.batch_size 5000 | " \
+        "bn_eps 0.001, global_pool max, rso.batch_size 1024 | mean |"
+
+
 def test_table_best_counts_layer_passes():
     rec = lambda r, acc, passes=(): {"round": r, "train_loss": 1.0, "train_acc": 0.5, "test_loss": 1.0,
                                      "test_acc": acc, "accepted": None if r == 0 else 0.25, "seconds": 12.4,
