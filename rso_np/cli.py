@@ -49,6 +49,16 @@ def positive_int(text):
     return v
 
 
+def positive_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return v
+
+
 def build_parser():
     p = Parser(prog=PROG, description="RSO (gradient-free random search) and SGD training of small CNNs "
                                       "on MNIST, in NumPy/CuPy.")
@@ -66,7 +76,9 @@ def build_parser():
                            "before the searched layer, chunked minibatches,\nHe sigma with the authors' "
                            "schedule, weight decay 1e-4 on every searched parameter, batch norm\nsearched "
                            "right after its conv, evaluation after every layer pass. Options given with it "
-                           "override\nit (e.g. --batch-size 2000).\n\n"
+                           "override\nit (e.g. --batch-size 2000); with --model paper_mnist or small_mnist it "
+                           "leaves out the options those\nnetworks lack (batch norm's epsilon; small_mnist: the "
+                           "global pooling).\n\n"
                            "Writes history.json, history.csv, history.md, loss.png and checkpoint.npz into "
                            "--out after every\nround; with RSO the checkpoint also after every layer pass. "
                            "--resume continues a run from its\ncheckpoint with its recorded settings; an "
@@ -79,7 +91,7 @@ def build_parser():
                         "or ~/.cache/rso_np")
     g.add_argument("--model", choices=sorted(MODELS), help="network (default: small_mnist; paper preset: "
                                                             "paper_mnist_bn)")
-    g.add_argument("--bn-eps", type=float, metavar="EPS",
+    g.add_argument("--bn-eps", type=positive_float, metavar="EPS",
                    help="batch norm's epsilon (paper_mnist_bn; default 1e-5; authors, MXNet: 1e-3)")
     g.add_argument("--global-pool", choices=sorted(GLOBAL_POOLS),
                    help="the paper's networks: global pooling before the dense layer, avg (default) or max "
@@ -213,7 +225,11 @@ SGD_FIELDS = {"lr": "lr", "momentum": "momentum", "sgd_weight_decay": "weight_de
 def given_settings(args):
     """{(option, section, field): value} for every setting given on the command line (a preset's count as
     given), section None / "rso" / "sgd"."""
-    preset = PRESETS.get(args.preset, {}) if args.preset else {}
+    preset = dict(PRESETS.get(args.preset, {})) if args.preset else {}
+    model = args.model or preset.get("model") or LAPTOP["model"]
+    for dest, have in zip(("bn_eps", "global_pool"), model_options(model)):
+        if have is None:                # an option of the preset's network that the model given lacks
+            preset.pop(dest, None)      # (--preset paper --model paper_mnist: no batch norm)
     value = lambda dest: getattr(args, dest) if getattr(args, dest, None) is not None else preset.get(dest)
     out = {}
     for dest, (section, field) in RUN_FIELDS.items():

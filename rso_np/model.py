@@ -127,6 +127,10 @@ class Sequential:
             dout = layer.backward(dout)
         return dout
 
+    def batch_norms(self):
+        """The network's batch-norm layers, in order (an empty list for a network without batch norm)."""
+        return [l for l in self.layers if isinstance(l, BatchNorm2d)]
+
     def set_reference_stats(self, x):
         """Set every batch norm's statistics to those of the one batch ``x`` (N, C, H, W): its input's
         per-channel mean and (biased) variance in a forward pass in training mode, where each batch
@@ -134,7 +138,7 @@ class Sequential:
         evaluation (running statistics reset, momentum 0, the first 2000 training images).
         No-op for a network without batch norm.
         """
-        if not any(isinstance(l, BatchNorm2d) for l in self.layers):
+        if not self.batch_norms():
             return
         was = [l.training for l in self.layers]
         self.train()
@@ -153,7 +157,7 @@ class Sequential:
         averages each batch norm's input mean and mean square over all images.
         No-op for a network without batch norm.
         """
-        bns = [l for l in self.layers if isinstance(l, BatchNorm2d)]
+        bns = self.batch_norms()
         if not bns:
             return
         xp = get_array_module(x)

@@ -86,6 +86,8 @@ def build_model(name, seed=0, bn_eps=None, global_pool=None):
     if bn_eps is not None:
         if name != "paper_mnist_bn":
             raise ValueError(f"bn_eps is for a model with batch norm (paper_mnist_bn), not {name!r}")
+        if not float(bn_eps) > 0:
+            raise ValueError(f"bn_eps must be positive, got {bn_eps}")
         kw["bn_eps"] = float(bn_eps)
     if global_pool is not None:
         if not name.startswith("paper_mnist"):

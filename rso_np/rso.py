@@ -211,6 +211,11 @@ class RSO:
         if self.config.batch_size > x.shape[0]:
             raise ValueError(f"batch_size {self.config.batch_size} is larger than the training set "
                              f"({x.shape[0]} examples)")
+        if (self.config.bn_statistics == "frozen-before" and model.batch_norms()
+                and self.config.bn_reference_images > x.shape[0]):
+            raise ValueError(f"bn_reference_images {self.config.bn_reference_images} is larger than the "
+                             f"training set ({x.shape[0]} examples): with bn_statistics 'frozen-before' the batch "
+                             "norms before the searched layer use the statistics of that many first images")
         model.check_input(x[:1])
         self.x, self.y = x, y
         self.rng = rng if rng is not None else np.random.default_rng(0)

@@ -148,6 +148,11 @@ class Trainer:
         self.x_eval, self.y_eval = self.x_train[:n_eval], self.y_train[:n_eval]
         self.model = build_model(config.model, seed=config.seed, bn_eps=config.bn_eps,
                                  global_pool=config.global_pool).to(self.xp)
+        n_ref = RSOConfig(**config.rso).bn_reference_images
+        if config.eval_bn_stats == "reference" and self.model.batch_norms() and n_ref > self.x_train.shape[0]:
+            raise ValueError(f"bn_reference_images {n_ref} is larger than the training set "
+                             f"({self.x_train.shape[0]} examples): with eval_bn_stats 'reference' the evaluation "
+                             "uses batch norm's statistics of that many first images")
         self.rng = np.random.default_rng(config.seed + 1)   # the model's initialisation used `seed`
         self.history = []
         self.position = None    # within a round: {"round", "passes_done", "counts", "passes", "seconds",

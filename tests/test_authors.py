@@ -5,7 +5,7 @@ import pytest
 
 from rso_np.backend import to_numpy
 from rso_np.layers import BatchNorm2d
-from rso_np.models import paper_mnist
+from rso_np.models import build_model, paper_mnist
 from rso_np.rso import AUTHORS, RSO, RSOConfig, search_units, sigma_at_round
 from rso_np.rso_fast import FastRSO
 
@@ -158,6 +158,35 @@ def test_center_normalisation(tmp_path, monkeypatch):
 def test_bad_options(kw, match):
     with pytest.raises(ValueError, match=match):
         RSOConfig(**kw).validate()
+
+
+@pytest.mark.parametrize("engine", [RSO, FastRSO])
+def test_reference_batch_larger_than_the_training_set(engine):
+    """frozen-before takes the statistics of the first bn_reference_images training images: more than
+    the training set has is an error naming both numbers, for a network with batch norm only."""
+    x, y = data14(np, n=50)
+    cfg = RSOConfig(batch_size=10, bn_statistics="frozen-before", bn_reference_images=60)
+    with pytest.raises(ValueError, match=r"bn_reference_images 60 is larger than the training set \(50 examples\)"):
+        engine(bn_model(), x, y, cfg, np.random.default_rng(0))
+    engine(paper_mnist(channels=2), x, y, cfg, np.random.default_rng(0))       # no batch norm: not used
+    engine(bn_model(), x, y, RSOConfig(batch_size=10, bn_statistics="frozen-before", bn_reference_images=50),
+           np.random.default_rng(0))
+
+
+def test_paper_preset_with_a_network_that_lacks_its_options():
+    """--preset paper with --model paper_mnist (no batch norm) or small_mnist leaves out the preset's
+    batch-norm epsilon (and, for small_mnist, its global pooling), which those networks lack; given
+    explicitly, they stay an error of the model's."""
+    from rso_np.cli import build_parser, run_config
+    cfg = lambda *a: run_config(build_parser().parse_args(["train", "--preset", "paper", *a]))
+    assert (cfg("--model", "paper_mnist").bn_eps, cfg("--model", "paper_mnist").global_pool) == (None, "max")
+    assert (cfg("--model", "small_mnist").bn_eps, cfg("--model", "small_mnist").global_pool) == (None, None)
+    assert cfg("--model", "paper_mnist").rso == cfg().rso                      # the authors' search all the same
+    assert cfg("--model", "paper_mnist", "--bn-eps", "1e-3").bn_eps == 1e-3     # given: build_model refuses it
+    with pytest.raises(ValueError, match="bn_eps is for a model with batch norm"):
+        build_model("paper_mnist", bn_eps=1e-3)
+    with pytest.raises(ValueError, match="bn_eps must be positive, got 0"):
+        build_model("paper_mnist_bn", bn_eps=0)
 
 
 def test_paper_preset_is_the_authors_network():

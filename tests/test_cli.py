@@ -126,6 +126,7 @@ def assert_one_line_error(code, err, *needles):
     (["--model", "vgg"], ["--model", "invalid choice: 'vgg'"]),
     (["--sigma-schedule", "cosine"], ["--sigma-schedule", "invalid choice"]),
     (["--resume"], ["--resume needs --out"]),
+    (["--model", "paper_mnist_bn", "--bn-eps", "0"], ["--bn-eps", "must be positive, got 0"]),
 ])
 def test_bad_options(args, needles, capsys, tmp_path):
     code, out, err = run_cli(["train", "--data-dir", str(tmp_path), *args], capsys)
@@ -153,6 +154,19 @@ def run_bad(capsys, tmp_path, data_dir, *extra):
 def test_batch_larger_than_training_set(capsys, tmp_path, fake_mnist):
     code, err, out = run_bad(capsys, tmp_path, fake_mnist, "--batch-size", "100")
     assert_one_line_error(code, err, "batch_size 100 is larger than the training set (60 examples)")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ((), "with eval_bn_stats 'reference' the evaluation"),
+    (("--eval-bn-stats", "population"), "with bn_statistics 'frozen-before' the batch norms"),
+])
+def test_reference_batch_larger_than_training_set(capsys, tmp_path, fake_mnist, extra, needle):
+    """--preset paper on a training set smaller than its reference batch (2000 images): one line naming
+    both numbers and what the reference batch is for, before the run folder is made."""
+    code, err, out = run_bad(capsys, tmp_path, fake_mnist, "--preset", "paper", "--batch-size", "8", *extra)
+    assert_one_line_error(code, err, "bn_reference_images 2000 is larger than the training set (60 examples)",
+                          needle)
     assert not out.exists()
 
 
