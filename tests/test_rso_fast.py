@@ -87,6 +87,7 @@ def compare(xp, build, size, rounds=1, batch=16, n=300, monkeypatch=None, **cfg)
                                                            "loss_agg": "mean"}),
     (lambda: paper_mnist(batch_norm=True, channels=4, bn_eps=1e-3), 14, dict(AUTHORS, bn_reference_images=100)),
     (lambda: paper_mnist(batch_norm=True, channels=4), 14, {"bn_statistics": "frozen-before",
+                                                           "bn_reference_images": 100,
                                                            "layer_order": "first-to-last"}),
     (lambda: paper_mnist(channels=4), 14, {"minibatches": "chunks", "sigma_from": "he"}),
     (lambda: paper_mnist(batch_norm=True, channels=4, bn_eps=1e-3), 14,
