@@ -204,28 +204,19 @@ def test_paper_preset_is_the_authors_network():
     assert run_config(build_parser().parse_args(["train"])).global_pool is None     # small_mnist: no global pooling
 
 
-def test_resume_of_a_run_recorded_before_global_pool():
-    """A paper-network run recorded before the option (no global_pool in its settings) pooled with the
-    average: resuming it with --global-pool avg is its own setting, with --global-pool max a conflict that
-    names both values."""
+@pytest.mark.parametrize("field,option,own,other,message", [
+    ("global_pool", "--global-pool", "avg", "max", "--global-pool: the run in run has 'avg', given 'max'"),
+    ("bn_eps", "--bn-eps", "1e-5", "1e-3", "--bn-eps: the run in run has 1e-05, given 0.001"),
+])
+def test_resume_reads_a_recorded_none_as_the_models_value(field, option, own, other, message):
+    """A paper_mnist_bn run recorded without --global-pool (or before the option existed) pooled with the
+    average, and one without --bn-eps ran with the model's epsilon, 1e-5: resuming it with that value is
+    its own setting, with another a conflict that names both values."""
     from rso_np.cli import UsageError, build_parser, check_resume
     from rso_np.training import RunConfig
     saved = RunConfig(model="paper_mnist_bn")
-    assert saved.global_pool is None
+    assert getattr(saved, field) is None
     parse = lambda *a: build_parser().parse_args(["train", "--resume", "--out", "run", *a])
-    check_resume(parse("--global-pool", "avg"), saved)
-    with pytest.raises(UsageError, match="--global-pool: the run in run has 'avg', given 'max'"):
-        check_resume(parse("--global-pool", "max"), saved)
-
-
-def test_resume_of_a_run_with_the_models_batch_norm_epsilon():
-    """A paper_mnist_bn run recorded without --bn-eps ran with the model's epsilon, 1e-5: resuming it with
-    --bn-eps 1e-5 is its own setting, with the authors' 1e-3 a conflict that names both values."""
-    from rso_np.cli import UsageError, build_parser, check_resume
-    from rso_np.training import RunConfig
-    saved = RunConfig(model="paper_mnist_bn")
-    assert saved.bn_eps is None
-    parse = lambda *a: build_parser().parse_args(["train", "--resume", "--out", "run", *a])
-    check_resume(parse("--bn-eps", "1e-5"), saved)
-    with pytest.raises(UsageError, match="--bn-eps: the run in run has 1e-05, given 0.001"):
-        check_resume(parse("--bn-eps", "1e-3"), saved)
+    check_resume(parse(option, own), saved)
+    with pytest.raises(UsageError, match=message):
+        check_resume(parse(option, other), saved)
