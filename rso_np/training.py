@@ -148,7 +148,7 @@ class Trainer:
         self.x_eval, self.y_eval = self.x_train[:n_eval], self.y_train[:n_eval]
         self.model = build_model(config.model, seed=config.seed, bn_eps=config.bn_eps,
                                  global_pool=config.global_pool).to(self.xp)
-        n_ref = RSOConfig(**config.rso).bn_reference_images
+        self.n_reference = n_ref = RSOConfig(**config.rso).bn_reference_images
         if config.eval_bn_stats == "reference" and self.model.batch_norms() and n_ref > self.x_train.shape[0]:
             raise ValueError(f"bn_reference_images {n_ref} is larger than the training set "
                              f"({self.x_train.shape[0]} examples): with eval_bn_stats 'reference' the evaluation "
@@ -195,7 +195,7 @@ class Trainer:
         """Batch-norm statistics for evaluation (no-op without batch norm): estimated over the evaluation
         training images, or those of the reference images (the authors' reset)."""
         if self.config.eval_bn_stats == "reference":
-            self.model.set_reference_stats(self.x_train[:RSOConfig(**self.config.rso).bn_reference_images])
+            self.model.set_reference_stats(self.x_train[:self.n_reference])
         else:
             self.model.estimate_population_stats(self.x_eval)
 
