@@ -75,24 +75,29 @@ def small_mnist(seed=0, num_classes=10, in_channels=1, channels=8):
 MODELS = {"paper_mnist": paper_mnist, "paper_mnist_bn": lambda seed=0, **kw: paper_mnist(True, seed, **kw),
           "small_mnist": small_mnist}
 
+# The options each network takes beside its seed, with the value its builder uses unless told: the one
+# place that says which network has which option (build_model's checks and model_options read it).
+MODEL_OPTIONS = {"paper_mnist": {"global_pool": GLOBAL_POOL},
+                 "paper_mnist_bn": {"bn_eps": BN_EPS, "global_pool": GLOBAL_POOL},
+                 "small_mnist": {}}
+_WHAT = {"bn_eps": "a model with batch norm", "global_pool": "the paper's networks"}
+
 
 def build_model(name, seed=0, bn_eps=None, global_pool=None):
     """Build a model by name: one of ``MODELS``. ``bn_eps``: batch norm's epsilon (models with batch
     norm only; None: the builder's default). ``global_pool``: "avg" or "max" (the paper's networks only;
-    None: the builder's default, "avg")."""
+    None: the builder's default, "avg"). Which network takes which option: ``MODEL_OPTIONS``."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    kw = {}
-    if bn_eps is not None:
-        if name != "paper_mnist_bn":
-            raise ValueError(f"bn_eps is for a model with batch norm (paper_mnist_bn), not {name!r}")
+    kw = {key: value for key, value in (("bn_eps", bn_eps), ("global_pool", global_pool)) if value is not None}
+    for key in kw:
+        if key not in MODEL_OPTIONS[name]:
+            having = ", ".join(m for m, options in MODEL_OPTIONS.items() if key in options)
+            raise ValueError(f"{key} is for {_WHAT[key]} ({having}), not {name!r}")
+    if "bn_eps" in kw:
         if not float(bn_eps) > 0:
             raise ValueError(f"bn_eps must be positive, got {bn_eps}")
         kw["bn_eps"] = float(bn_eps)
-    if global_pool is not None:
-        if not name.startswith("paper_mnist"):
-            raise ValueError(f"global_pool is for the paper's networks (paper_mnist, paper_mnist_bn), not {name!r}")
-        kw["global_pool"] = global_pool
     return MODELS[name](seed=seed, **kw)
 
 
@@ -100,8 +105,6 @@ def model_options(name, bn_eps=None, global_pool=None):
     """``(bn_eps, global_pool)`` as ``build_model(name, bn_eps=..., global_pool=...)`` builds them: the
     given values, or the builder's defaults where None; None for an option that ``name`` does not have.
     A run recorded with None ran with these, and they are what its settings mean."""
-    if bn_eps is None and name == "paper_mnist_bn":
-        bn_eps = BN_EPS
-    if global_pool is None and name.startswith("paper_mnist"):
-        global_pool = GLOBAL_POOL
-    return bn_eps, global_pool
+    defaults = MODEL_OPTIONS.get(name, {})
+    return (defaults.get("bn_eps") if bn_eps is None else bn_eps,
+            defaults.get("global_pool") if global_pool is None else global_pool)

@@ -4,7 +4,7 @@ import pytest
 from rso_np.backend import get_array_module, to_numpy
 from rso_np.layers import BatchNorm2d
 from rso_np.model import CheckpointError
-from rso_np.models import build_model, paper_mnist, small_mnist
+from rso_np.models import GLOBAL_POOLS, MODEL_OPTIONS, MODELS, build_model, model_options, paper_mnist, small_mnist
 
 
 def test_paper_mnist_sizes():
@@ -131,3 +131,22 @@ def test_global_max_pooling_option():
 def test_build_model_unknown():
     with pytest.raises(ValueError, match="unknown model 'resnet'"):
         build_model("resnet")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_options_table_says_what_each_builder_builds(name):
+    # MODEL_OPTIONS is what build_model's checks and model_options read: it must name exactly the options
+    # each builder takes, with the builder's own defaults, as the built network shows them.
+    net = build_model(name)
+    eps = {layer.eps for layer in net.layers if type(layer).__name__ == "BatchNorm2d"}
+    pools = {type(layer).__name__ for layer in net.layers if type(layer).__name__.startswith("Global")}
+    options = MODEL_OPTIONS[name]
+    assert eps == ({options["bn_eps"]} if "bn_eps" in options else set())
+    assert pools == ({GLOBAL_POOLS[options["global_pool"]].__name__} if "global_pool" in options else set())
+    assert model_options(name) == (options.get("bn_eps"), options.get("global_pool"))
+    for key, value in (("bn_eps", 1e-3), ("global_pool", "max")):
+        if key in options:
+            build_model(name, **{key: value})
+        else:
+            with pytest.raises(ValueError, match=f"{key} is for .*not '{name}'"):
+                build_model(name, **{key: value})
