@@ -1,7 +1,9 @@
 """Command line: ``python -m rso_np train`` and ``python -m rso_np plot`` (also installed as ``rso-np``)."""
 
 import argparse
+import signal
 import sys
+import threading
 from datetime import datetime
 from pathlib import Path
 
@@ -330,7 +332,29 @@ def cmd_table(args):
     print(history_markdown(metas[0]) if len(metas) == 1 else runs_markdown(metas), end="")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill PID``; a batch system or container stopping the job) taken as Ctrl-C is: the run stops
+    where it is and its last checkpoint stands. A job started in the background from a script ignores
+    Ctrl-C's SIGINT (the shell sets it so), so a plain ``kill`` is how it is stopped."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv=None):
+    # SIGTERM stops a command as Ctrl-C does (Terminated): with the message below, the lock released, no
+    # half-written file. Only the main thread may set a handler; the one before is put back on return.
+    main_thread = threading.current_thread() is threading.main_thread()
+    on_term = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    try:
+        return _main(argv)
+    finally:
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
+
+
+def _main(argv):
     try:
         args = build_parser().parse_args(argv)
         if args.command == "train":
@@ -348,8 +372,9 @@ def main(argv=None):
     except (ValueError, OSError, DeviceError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted; checkpoint.npz holds the run up to its last finished round "
-              "(RSO: layer pass); continue with --resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        term = isinstance(exc, Terminated)
+        print(f"\n{PROG}: {'stopped by SIGTERM' if term else 'interrupted'}; checkpoint.npz holds the run up to "
+              "its last finished round (RSO: layer pass); continue with --resume", file=sys.stderr)
+        return 128 + (signal.SIGTERM if term else signal.SIGINT)
     return 0

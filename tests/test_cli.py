@@ -257,6 +257,36 @@ def test_a_run_folder_in_use_is_refused(capsys, tmp_path, fake_mnist):
     assert sorted(p.name for p in out.iterdir()) == RUN_FILES, "the lock file goes when the run ends"
 
 
+
+@needs_mnist
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, capsys):
+    """``kill PID`` (SIGTERM; a job started in the background from a script ignores Ctrl-C's SIGINT) stops
+    a run with the message of Ctrl-C and exit status 143, the lock released and no half-written file; the
+    run resumes from its checkpoint."""
+    import signal
+    import time
+    out = tmp_path / "run"
+    env = dict(os.environ, MPLBACKEND="Agg")
+    p = subprocess.Popen([sys.executable, "-m", "rso_np", "train", "--data-dir", str(MNIST), "--rounds", "30",
+                          "--batch-size", "16", "--out", str(out), *SMALL],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.npz").exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)                                        # into round 1's layer passes
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM, (p.returncode, stderr)
+    assert "stopped by SIGTERM" in stderr and "continue with --resume" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
+    assert sorted(q.name for q in out.iterdir()) == RUN_FILES, "no lock file or temporary file is left"
+    handler = signal.getsignal(signal.SIGTERM)
+    code, text, err = run_cli(["train", "--data-dir", str(MNIST), "--rounds", "30", "--batch-size", "16",
+                               "--out", str(out), "--resume", "--stop-after", "1", *SMALL], capsys)
+    assert code == 0, err
+    assert "resumed after" in text, text
+    assert signal.getsignal(signal.SIGTERM) is handler, "main() puts the SIGTERM handler before it back"
+
 def test_plot_labels(tmp_path, monkeypatch):
     """Runs of the same optimiser and model get their folder's name in the legend; --label names them."""
     from rso_np import cli
