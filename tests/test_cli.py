@@ -257,7 +257,6 @@ def test_a_run_folder_in_use_is_refused(capsys, tmp_path, fake_mnist):
     assert sorted(p.name for p in out.iterdir()) == RUN_FILES, "the lock file goes when the run ends"
 
 
-
 @needs_mnist
 def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, capsys):
     """``kill PID`` (SIGTERM; a job started in the background from a script ignores Ctrl-C's SIGINT) stops
@@ -286,6 +285,7 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, capsys):
     assert code == 0, err
     assert "resumed after" in text, text
     assert signal.getsignal(signal.SIGTERM) is handler, "main() puts the SIGTERM handler before it back"
+
 
 def test_plot_labels(tmp_path, monkeypatch):
     """Runs of the same optimiser and model get their folder's name in the legend; --label names them."""

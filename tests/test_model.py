@@ -138,11 +138,11 @@ def test_model_options_table_says_what_each_builder_builds(name):
     # MODEL_OPTIONS is what build_model's checks and model_options read: it must name exactly the options
     # each builder takes, with the builder's own defaults, as the built network shows them.
     net = build_model(name)
-    eps = {layer.eps for layer in net.layers if type(layer).__name__ == "BatchNorm2d"}
-    pools = {type(layer).__name__ for layer in net.layers if type(layer).__name__.startswith("Global")}
+    eps = {layer.eps for layer in net.batch_norms()}
+    pools = {type(layer) for layer in net.layers if isinstance(layer, tuple(GLOBAL_POOLS.values()))}
     options = MODEL_OPTIONS[name]
     assert eps == ({options["bn_eps"]} if "bn_eps" in options else set())
-    assert pools == ({GLOBAL_POOLS[options["global_pool"]].__name__} if "global_pool" in options else set())
+    assert pools == ({GLOBAL_POOLS[options["global_pool"]]} if "global_pool" in options else set())
     assert model_options(name) == (options.get("bn_eps"), options.get("global_pool"))
     for key, value in (("bn_eps", 1e-3), ("global_pool", "max")):
         if key in options:
