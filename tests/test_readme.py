@@ -1,6 +1,6 @@
-"""README's result tables are the histories they name: each block that starts with
-``<!-- table: PATH -->`` (or ``<!-- runs: PATH PATH ... -->``) and ends with ``<!-- end of table -->`` is
-``python -m rso_np table PATH`` (``table PATH PATH ...``)."""
+"""The result tables of README and docs/results.md are the histories they name: each block that starts
+with ``<!-- table: PATH -->`` (or ``<!-- runs: PATH PATH ... -->``) and ends with ``<!-- end of table -->``
+is ``python -m rso_np table PATH`` (``table PATH PATH ...``). Their figures are files that exist."""
 
 import json
 import re
@@ -12,25 +12,35 @@ from rso_np.training import history_markdown, runs_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"<!-- table: (\S+) -->\n(.*?)<!-- end of table -->", re.S)
-README = (ROOT / "README.md").read_text()
-TABLES = BLOCK.findall(README)
-SIDE_BY_SIDE = re.findall(r"<!-- runs: ([^>]+?) -->\n(.*?)<!-- end of table -->", README, re.S)
+DOCS = {name: (ROOT / name).read_text() for name in ("README.md", "docs/results.md")}
+TABLES = [(name, path, table) for name, text in DOCS.items() for path, table in BLOCK.findall(text)]
+SIDE_BY_SIDE = [(name, paths, table) for name, text in DOCS.items()
+                for paths, table in re.findall(r"<!-- runs: ([^>]+?) -->\n(.*?)<!-- end of table -->", text, re.S)]
+IMAGES = [(name, target) for name, text in DOCS.items() for target in re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", text)]
 
 
-def test_readme_has_result_tables():
-    assert len(TABLES) >= 6
+def test_documents_have_result_tables():
+    counts = {name: sum(1 for n, _, _ in TABLES if n == name) for name in DOCS}
+    assert counts["README.md"] >= 2 and counts["docs/results.md"] >= 6, counts
+    assert SIDE_BY_SIDE and len(IMAGES) >= 8
 
 
-@pytest.mark.parametrize("path,table", TABLES, ids=[p for p, _ in TABLES])
-def test_readme_table_is_its_history(path, table):
+@pytest.mark.parametrize("name,target", IMAGES, ids=[f"{n}:{t}" for n, t in IMAGES])
+def test_figure_exists(name, target):
+    """A figure's path is relative to the document that shows it (docs/results.md's start with results/)."""
+    assert ((ROOT / name).parent / target).is_file(), f"{name} shows {target}, which is not there"
+
+
+@pytest.mark.parametrize("name,path,table", TABLES, ids=[f"{n}:{p}" for n, p, _ in TABLES])
+def test_table_is_its_history(name, path, table):
     meta = json.loads((ROOT / path).read_text())
-    assert table == history_markdown(meta), f"README's table of {path} differs: python -m rso_np table {path}"
+    assert table == history_markdown(meta), f"{name}'s table of {path} differs: python -m rso_np table {path}"
 
 
-@pytest.mark.parametrize("paths,table", SIDE_BY_SIDE, ids=[p for p, _ in SIDE_BY_SIDE])
-def test_readme_side_by_side_table_is_its_histories(paths, table):
+@pytest.mark.parametrize("name,paths,table", SIDE_BY_SIDE, ids=[f"{n}:{p}" for n, p, _ in SIDE_BY_SIDE])
+def test_side_by_side_table_is_its_histories(name, paths, table):
     metas = [json.loads((ROOT / p).read_text()) for p in paths.split()]
-    assert table == runs_markdown(metas), f"README's table of {paths} differs: python -m rso_np table {paths}"
+    assert table == runs_markdown(metas), f"{name}'s table of {paths} differs: python -m rso_np table {paths}"
 
 
 def test_side_by_side_table():
