@@ -8,7 +8,8 @@ layer pass it was in):
 ``loss.png`` (loss per round, with an accuracy panel) and ``checkpoint.npz`` (weights, optimiser state,
 the random generator's state, the history and the run's settings). A run resumed from its checkpoint
 ends with the same weights as one that was never stopped. While it trains, the process holds the folder
-(``.rso_np.lock`` in it, removed at the end): a second run there stops before it writes anything.
+(``.rso_np.lock`` in it, removed at the end): a second run there stops before it loads data or writes
+anything.
 """
 
 import csv
@@ -18,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,6 +127,9 @@ class Trainer:
         self.out = Path(out_dir)
         self.log = log
         self.progress = progress
+        if self.out.is_dir():
+            with self._hold():              # a run training there now: say so before loading anything
+                pass
         ckpt = read_npz(self.out / CHECKPOINT) if resume else None
         if resume:
             saved = RunConfig(**json.loads(str(ckpt["extra/run_config"])))
@@ -269,9 +274,15 @@ class Trainer:
         started in the same folder while this one trains, a ``--resume`` of a run still going in the
         background say, stops with an error before it writes anything, where the two would otherwise
         overwrite each other's checkpoint and history."""
+        with self._hold():
+            return self._run(stop_after)
+
+    @contextmanager
+    def _hold(self):
+        """The run folder's lock (``_io.folder_lock``), or an OSError naming the process that holds it."""
         try:
             with folder_lock(self.out, LOCK):
-                return self._run(stop_after)
+                yield
         except FolderBusy as exc:
             who = f"another process (pid {exc.pid})" if exc.pid else "another process"
             raise OSError(f"run folder {self.out}: {who} is training in it; wait for it to end, or stop it "

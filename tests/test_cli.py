@@ -239,7 +239,8 @@ def test_checkpoint_other_model_or_corrupt(capsys, tmp_path, fake_mnist):
 
 def test_a_run_folder_in_use_is_refused(capsys, tmp_path, fake_mnist):
     """A second train in a folder where a run is training (a --resume of a run still going in the
-    background, say) stops before it writes anything; the folder is free again when the first ends."""
+    background, say) stops before it loads data or writes anything; the folder is free again when the
+    first ends."""
     from rso_np._io import folder_lock
     from rso_np.training import LOCK
     out = tmp_path / "run"
@@ -247,9 +248,10 @@ def test_a_run_folder_in_use_is_refused(capsys, tmp_path, fake_mnist):
     assert run_cli([*base, "--optimizer", "sgd", "--epochs", "2", "--stop-after", "1"], capsys)[0] == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with folder_lock(out, LOCK):              # held through another open file, as by another process
-        code, _, err = run_cli([*base, "--resume"], capsys)
+        code, out_text, err = run_cli([*base, "--resume"], capsys)
         assert_one_line_error(code, err, f"run folder {out}", f"(pid {os.getpid()}) is training in it",
                               "--resume")
+        assert out_text == "", "refused before the run's header (data loaded, model built) is printed"
         assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != LOCK} == before
     code, out_text, err = run_cli([*base, "--resume"], capsys)
     assert code == 0, err
