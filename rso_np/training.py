@@ -19,7 +19,7 @@ import os
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -279,14 +279,18 @@ class Trainer:
 
     @contextmanager
     def _hold(self):
-        """The run folder's lock (``_io.folder_lock``), or an OSError naming the process that holds it."""
-        try:
-            with folder_lock(self.out, LOCK):
-                yield
-        except FolderBusy as exc:
-            who = f"another process (pid {exc.pid})" if exc.pid else "another process"
-            raise OSError(f"run folder {self.out}: {who} is training in it; wait for it to end, or stop it "
-                          "(its checkpoint keeps what it has finished) and then --resume") from None
+        """The run folder's lock (``_io.folder_lock``), or an OSError naming the process that holds it (or
+        saying that the folder cannot be written)."""
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(folder_lock(self.out, LOCK))
+            except FolderBusy as exc:
+                who = f"another process (pid {exc.pid})" if exc.pid else "another process"
+                raise OSError(f"run folder {self.out}: {who} is training in it; wait for it to end, or stop it "
+                              "(its checkpoint keeps what it has finished) and then --resume") from None
+            except OSError as exc:
+                raise OSError(f"--out {self.out}: cannot write there ({exc.strerror or exc})") from None
+            yield
 
     def _run(self, stop_after):
         cfg = self.config

@@ -211,6 +211,13 @@ def test_unwritable_out(capsys, tmp_path, fake_mnist):
     code, _, err = run_cli(["train", "--data-dir", str(fake_mnist), "--rounds", "1", "--batch-size", "8",
                             "--out", str(blocker / "run"), "--no-progress"], capsys)
     assert_one_line_error(code, err, "--out", "cannot write there")
+    # an existing folder where the run's lock file cannot be made (here a folder has its name: the check
+    # holds for root too, whom permissions do not stop)
+    from rso_np.training import LOCK
+    (tmp_path / "run" / LOCK).mkdir(parents=True)
+    code, _, err = run_cli(["train", "--data-dir", str(fake_mnist), "--rounds", "1", "--batch-size", "8",
+                            "--out", str(tmp_path / "run"), "--no-progress"], capsys)
+    assert_one_line_error(code, err, "--out", "cannot write there")
 
 
 def test_checkpoint_other_model_or_corrupt(capsys, tmp_path, fake_mnist):
