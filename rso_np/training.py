@@ -88,7 +88,12 @@ def check_writable(out_dir):
         os.close(fd)
         os.unlink(tmp)
     except OSError as exc:
-        raise OSError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+        raise cannot_write(out, exc) from None
+
+
+def cannot_write(out_dir, exc):
+    """The OSError that says ``--out`` cannot be written, and why (``exc``)."""
+    return OSError(f"--out {out_dir}: cannot write there ({exc.strerror or exc})")
 
 
 def evaluate(model, x, y, batch_size=1000):
@@ -289,7 +294,7 @@ class Trainer:
                 raise OSError(f"run folder {self.out}: {who} is training in it; wait for it to end, or stop it "
                               "(its checkpoint keeps what it has finished) and then --resume") from None
             except OSError as exc:
-                raise OSError(f"--out {self.out}: cannot write there ({exc.strerror or exc})") from None
+                raise cannot_write(self.out, exc) from None
             yield
 
     def _run(self, stop_after):
