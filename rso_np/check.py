@@ -4,6 +4,7 @@
     python -m rso_np.check maxpool     [path/to/ex2_maxpool.py]
     python -m rso_np.check xent        [path/to/ex3_cross_entropy.py]
     python -m rso_np.check rso_step    [path/to/ex4_rso_step.py]
+    python -m rso_np.check frozen_bn   [path/to/ex5_frozen_bn.py]
 
 Each check imports the student's file, runs its functions on random inputs and compares them with
 rso_np's reference implementation, saying precisely what is wrong: a missing function, a wrong shape or
@@ -19,7 +20,7 @@ import numpy as np
 
 from . import functional as F
 from .losses import logit_cross_entropy
-from .models import small_mnist
+from .models import paper_mnist, small_mnist
 from .rso import KEEP, MINUS, PLUS, candidates, choose
 
 EXERCISES = {
@@ -27,6 +28,7 @@ EXERCISES = {
     "maxpool": "ex2_maxpool.py",
     "xent": "ex3_cross_entropy.py",
     "rso_step": "ex4_rso_step.py",
+    "frozen_bn": "ex5_frozen_bn.py",
 }
 
 
@@ -155,7 +157,65 @@ def check_rso_step(mod):
     return f"rso_step chooses like Algorithm 1 in 40 trials (choices seen: {sorted(names[s] for s in seen)})"
 
 
-CHECKS = {"conv": check_conv, "maxpool": check_maxpool, "xent": check_xent, "rso_step": check_rso_step}
+def check_frozen_bn(mod):
+    rng = np.random.default_rng(4)
+    # 1. batch_stats: the mean and the biased variance per channel
+    for shape in [(2, 3, 4, 5), (16, 4, 7, 7)]:
+        x = (rng.standard_normal(shape) * 2 + 0.5).astype(np.float32)
+        got = call(mod, "batch_stats", x)
+        if not (isinstance(got, tuple) and len(got) == 2):
+            raise CheckFailed(f"batch_stats(x {shape}) must return a pair (mean, var), got {type(got).__name__}")
+        mean, var = F.batch_stats(x)
+        compare(f"batch_stats(x {shape}) mean", got[0], mean, 1e-5, 1e-6)
+        n = shape[0] * shape[2] * shape[3]
+        if np.allclose(np.asarray(got[1]), var * n / (n - 1), rtol=1e-5, atol=1e-7):
+            raise CheckFailed(f"batch_stats(x {shape}) var: that is the unbiased variance (divided by "
+                              f"{n - 1}); batch norm divides by the count, {n}")
+        compare(f"batch_stats(x {shape}) var", got[1], var, 1e-5, 1e-6)
+    # 2. batch_norm2d with the batch's statistics and with given ones
+    for shape, eps in [((4, 3, 5, 5), 1e-3), ((8, 2, 3, 6), 1e-5)]:
+        x = (rng.standard_normal(shape) * 3 - 1).astype(np.float32)
+        C = shape[1]
+        g, b = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+        m, v = rng.standard_normal(C).astype(np.float32), rng.uniform(0.5, 2, C).astype(np.float32)
+        compare(f"batch_norm2d(x {shape}, eps={eps:g}) with the batch's statistics",
+                call(mod, "batch_norm2d", x, g, b, eps=eps), F.batch_norm2d(x, g, b, eps=eps)[0], 1e-4, 1e-5)
+        compare(f"batch_norm2d(x {shape}, eps={eps:g}) with given mean and var",
+                call(mod, "batch_norm2d", x, g, b, m, v, eps), F.batch_norm2d(x, g, b, m, v, eps)[0], 1e-4, 1e-5)
+    # 3. stored_input: the searched layer's input with every batch norm before it frozen at the
+    #    reference batch's statistics, as RSO.start_pass sets them (Sequential.set_reference_stats)
+    # an epsilon large enough that leaving out layer.eps shows
+    model = paper_mnist(batch_norm=True, channels=4, bn_eps=0.05, seed=5)
+    for name, p in model.parameters().items():
+        if name.startswith("bn"):
+            p[...] = rng.uniform(0.5, 1.5, p.shape) if name.endswith("weight") else rng.normal(0, 0.3, p.shape)
+    x_ref = rng.standard_normal((40, 1, 28, 28)).astype(np.float32)
+    x = (rng.standard_normal((24, 1, 28, 28)) * 1.5 + 0.2).astype(np.float32)
+    searched = ["conv3", "conv5", "fc"]
+    for name in searched:
+        k = model.names.index(name)
+        model.set_reference_stats(x_ref)
+        model.eval()
+        want = model.forward(x, stop=k)
+        got = call(mod, "stored_input", model.layers[:k], x_ref, x)
+        model.train()
+        own = model.forward(x, stop=k)          # every batch norm with x's own statistics
+        if got is not None and np.shape(got) == own.shape and np.allclose(got, own, rtol=1e-4, atol=1e-4):
+            raise CheckFailed(f"stored_input before {name}: each batch norm used the statistics of x itself "
+                              "(the pseudocode's per-trial statistics); use those of the reference batch "
+                              "x_ref, which passes through the same layers beside x")
+        compare(f"stored_input(model.layers[:{k}], x_ref, x), the input of {name}", got, want, 1e-4, 1e-4)
+        # what freezing buys: an image's stored input does not depend on the other images
+        alone = call(mod, "stored_input", model.layers[:k], x_ref, x[:5])
+        compare(f"stored_input of the first 5 images alone, before {name} (it must not depend on the other "
+                "images of x)", alone, np.asarray(got)[:5], 1e-5, 1e-5)
+    return (f"batch_stats and batch_norm2d match rso_np.functional; stored_input matches the statistics "
+            f"RSO.start_pass freezes, before {', '.join(searched)}, and an image's stored input does not "
+            f"depend on the rest of its batch")
+
+
+CHECKS = {"conv": check_conv, "maxpool": check_maxpool, "xent": check_xent, "rso_step": check_rso_step,
+          "frozen_bn": check_frozen_bn}
 
 
 def run_check(exercise, path=None):

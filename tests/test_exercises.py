@@ -58,8 +58,26 @@ def test_checker_rso_step_tie_rule(tmp_path):
     assert not ok and "expected choice keep, got +dW" in msg
 
 
+def test_checker_frozen_bn_names_the_semantics(tmp_path):
+    sol = (EX / "solutions" / "ex5_frozen_bn.py").read_text()
+    # the pseudocode's per-trial statistics: each batch norm normalises x with x's own
+    bug = sol.replace("mean, var = batch_stats(h_ref)", "mean, var = batch_stats(h)")
+    ok, msg = run_check("frozen_bn", write(tmp_path, bug))
+    assert not ok and "statistics of x itself" in msg and "reference batch" in msg
+    # the unbiased variance
+    bug = sol.replace("var = x.var(axis=(0, 2, 3), dtype=np.float64)", "var = x.var(axis=(0, 2, 3), dtype=np.float64, ddof=1)")
+    ok, msg = run_check("frozen_bn", write(tmp_path, bug))
+    assert not ok and "unbiased variance" in msg
+    # the layer's epsilon left out, or the reference batch not normalised on its way
+    for bug in (sol.replace("h = batch_norm2d(h, g, b, mean, var, layer.eps)", "h = batch_norm2d(h, g, b, mean, var)"),
+                sol.replace("h_ref = batch_norm2d(h_ref, g, b, mean, var, layer.eps)", "pass")):
+        assert bug != sol
+        ok, msg = run_check("frozen_bn", write(tmp_path, bug))
+        assert not ok and msg.startswith("stored_input(model.layers[:7], x_ref, x), the input of conv3") and "expected" in msg
+
+
 def test_unknown_exercise_and_missing_file(tmp_path):
     assert run_check("backprop") == (False, "unknown exercise 'backprop'; choose one of "
-                                            "['conv', 'maxpool', 'rso_step', 'xent']")
+                                            "['conv', 'frozen_bn', 'maxpool', 'rso_step', 'xent']")
     ok, msg = run_check("conv", tmp_path / "nope.py")
     assert not ok and "no such file" in msg
