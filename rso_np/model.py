@@ -3,6 +3,7 @@
 import json
 import os
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -238,9 +239,12 @@ def _summary(arch):
 
 
 def atomic_savez(path, arrays):
-    """``np.savez`` to a temporary file beside ``path``, then rename: never a half-written file."""
+    """``np.savez_compressed`` to a temporary file beside ``path``, then rename: never a half-written
+    file. Compressed, because a run's checkpoint carries its history as JSON text, which NumPy stores
+    as 4 bytes per character: 515 KB after 42 rounds of the paper's run, a fraction of that deflated.
+    """
     with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+        np.savez_compressed(f, **arrays)
 
 
 def read_npz(path):
@@ -256,5 +260,5 @@ def read_npz(path):
             raise CheckpointError(f"{path}: holds pickled Python objects, which are refused "
                                   "(allow_pickle=False)") from None
         raise CheckpointError(f"{path}: not a readable .npz file ({exc})") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+    except (OSError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated .npz file ({exc})") from None

@@ -1,3 +1,7 @@
+import json
+import struct
+import zipfile
+
 import numpy as np
 import pytest
 
@@ -90,6 +94,28 @@ def test_load_corrupt_and_missing(tmp_path):
         paper_mnist().load(p)
     with pytest.raises(CheckpointError, match="no such file"):
         paper_mnist().load(tmp_path / "nope.npz")
+
+
+def test_checkpoint_is_compressed_and_a_damaged_one_is_named(tmp_path):
+    p = tmp_path / "m.npz"
+    history = json.dumps([{"round": r, "test_acc": 0.9, "passes": ["conv1.weight"] * 20} for r in range(200)])
+    paper_mnist().save(p, extra={"history": history})
+    text_bytes = 4 * len(history)                     # NumPy stores a str array as UTF-32
+    assert p.stat().st_size < text_bytes / 4, "the history's text is stored deflated"
+    assert json.loads(str(paper_mnist().load(p)["history"])) == json.loads(history)
+    # bytes damaged inside the deflated history, the archive's directory intact: a stream that still
+    # inflates (caught by the CRC), and one that inflate refuses (zlib's own error)
+    good = p.read_bytes()
+    with zipfile.ZipFile(p) as zf:
+        at = zf.getinfo("extra/history.npy").header_offset
+    name_len, extra_len = struct.unpack("<HH", good[at + 26:at + 30])
+    body = at + 30 + name_len + extra_len                 # the member's deflate stream starts here
+    for where, damage, cause in ((body + 200, bytes(64), "CRC"), (body, b"\xff", "invalid block type")):
+        data = bytearray(good)
+        data[where:where + len(damage)] = damage
+        p.write_bytes(bytes(data))
+        with pytest.raises(CheckpointError, match=f"corrupt or truncated .npz file .*{cause}"):
+            paper_mnist().load(p)
 
 
 def test_population_stats_mode_switch(rng):
