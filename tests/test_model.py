@@ -7,7 +7,7 @@ import pytest
 
 from rso_np.backend import get_array_module, to_numpy
 from rso_np.layers import BatchNorm2d
-from rso_np.model import CheckpointError
+from rso_np.model import CheckpointError, read_npz
 from rso_np.models import GLOBAL_POOLS, MODEL_OPTIONS, MODELS, build_model, model_options, paper_mnist, small_mnist
 
 
@@ -103,6 +103,9 @@ def test_checkpoint_is_compressed_and_a_damaged_one_is_named(tmp_path):
     text_bytes = 4 * len(history)                     # NumPy stores a str array as UTF-32
     assert p.stat().st_size < text_bytes / 4, "the history's text is stored deflated"
     assert json.loads(str(paper_mnist().load(p)["history"])) == json.loads(history)
+    # a checkpoint written before compression (np.savez) still loads
+    np.savez(tmp_path / "old.npz", **read_npz(p))
+    assert json.loads(str(paper_mnist().load(tmp_path / "old.npz")["history"])) == json.loads(history)
     # bytes damaged inside the deflated history, the archive's directory intact: a stream that still
     # inflates (caught by the CRC), and one that inflate refuses (zlib's own error)
     good = p.read_bytes()
