@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import functional as F
+from .layers import BatchNorm2d
 from .losses import logit_cross_entropy
 from .models import paper_mnist, small_mnist
 from .rso import KEEP, MINUS, PLUS, candidates, choose
@@ -204,6 +205,19 @@ def check_frozen_bn(mod):
             raise CheckFailed(f"stored_input before {name}: each batch norm used the statistics of x itself "
                               "(the pseudocode's per-trial statistics); use those of the reference batch "
                               "x_ref, which passes through the same layers beside x")
+        if got is not None and np.shape(got) == want.shape and not np.allclose(got, want, 1e-4, 1e-4):
+            # a common slip: the reference batch skips the batch norms, so later statistics are wrong
+            h_ref, h = x_ref, x
+            for layer in model.layers[:k]:
+                if isinstance(layer, BatchNorm2d):
+                    m, v = F.batch_stats(h_ref)
+                    h = F.batch_norm2d(h, layer.params["weight"], layer.params["bias"], m, v, layer.eps)[0]
+                else:
+                    h_ref, h = layer.forward(h_ref), layer.forward(h)
+            if np.allclose(got, h, rtol=1e-4, atol=1e-4):
+                raise CheckFailed(f"stored_input before {name}: x_ref went past a batch norm without being "
+                                  "normalised, so the next batch norm took the statistics of un-normalised "
+                                  "activations; normalise h_ref too, with its own statistics")
         compare(f"stored_input(model.layers[:{k}], x_ref, x), the input of {name}", got, want, 1e-4, 1e-4)
         # what freezing buys: an image's stored input does not depend on the other images
         alone = call(mod, "stored_input", model.layers[:k], x_ref, x[:5])
