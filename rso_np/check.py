@@ -158,6 +158,25 @@ def check_rso_step(mod):
     return f"rso_step chooses like Algorithm 1 in 40 trials (choices seen: {sorted(names[s] for s in seen)})"
 
 
+def _stored_input_slip(model, k, x_ref, x, got):
+    """Which of two common slips a wrong ``stored_input`` before layer k matches, if any."""
+    model.train()
+    if np.allclose(got, model.forward(x, stop=k), rtol=1e-4, atol=1e-4):   # x's own statistics
+        return ("each batch norm used the statistics of x itself (the pseudocode's per-trial statistics); "
+                "use those of the reference batch x_ref, which passes through the same layers beside x")
+    h_ref, h = x_ref, x                     # the reference batch skipping the batch norms
+    for layer in model.layers[:k]:
+        if isinstance(layer, BatchNorm2d):
+            m, v = F.batch_stats(h_ref)
+            h = F.batch_norm2d(h, layer.params["weight"], layer.params["bias"], m, v, layer.eps)[0]
+        else:
+            h_ref, h = layer.forward(h_ref), layer.forward(h)
+    if np.allclose(got, h, rtol=1e-4, atol=1e-4):
+        return ("x_ref went past a batch norm without being normalised, so the next batch norm took the "
+                "statistics of un-normalised activations; normalise h_ref too, with its own statistics")
+    return None
+
+
 def check_frozen_bn(mod):
     rng = np.random.default_rng(4)
     # 1. batch_stats: the mean and the biased variance per channel
@@ -193,31 +212,16 @@ def check_frozen_bn(mod):
     x_ref = rng.standard_normal((40, 1, 28, 28)).astype(np.float32)
     x = (rng.standard_normal((24, 1, 28, 28)) * 1.5 + 0.2).astype(np.float32)
     searched = ["conv3", "conv5", "fc"]
+    model.set_reference_stats(x_ref)
     for name in searched:
         k = model.names.index(name)
-        model.set_reference_stats(x_ref)
         model.eval()
         want = model.forward(x, stop=k)
         got = call(mod, "stored_input", model.layers[:k], x_ref, x)
-        model.train()
-        own = model.forward(x, stop=k)          # every batch norm with x's own statistics
-        if got is not None and np.shape(got) == own.shape and np.allclose(got, own, rtol=1e-4, atol=1e-4):
-            raise CheckFailed(f"stored_input before {name}: each batch norm used the statistics of x itself "
-                              "(the pseudocode's per-trial statistics); use those of the reference batch "
-                              "x_ref, which passes through the same layers beside x")
         if got is not None and np.shape(got) == want.shape and not np.allclose(got, want, 1e-4, 1e-4):
-            # a common slip: the reference batch skips the batch norms, so later statistics are wrong
-            h_ref, h = x_ref, x
-            for layer in model.layers[:k]:
-                if isinstance(layer, BatchNorm2d):
-                    m, v = F.batch_stats(h_ref)
-                    h = F.batch_norm2d(h, layer.params["weight"], layer.params["bias"], m, v, layer.eps)[0]
-                else:
-                    h_ref, h = layer.forward(h_ref), layer.forward(h)
-            if np.allclose(got, h, rtol=1e-4, atol=1e-4):
-                raise CheckFailed(f"stored_input before {name}: x_ref went past a batch norm without being "
-                                  "normalised, so the next batch norm took the statistics of un-normalised "
-                                  "activations; normalise h_ref too, with its own statistics")
+            slip = _stored_input_slip(model, k, x_ref, x, got)
+            if slip:
+                raise CheckFailed(f"stored_input before {name}: {slip}")
         compare(f"stored_input(model.layers[:{k}], x_ref, x), the input of {name}", got, want, 1e-4, 1e-4)
         # what freezing buys: an image's stored input does not depend on the other images
         alone = call(mod, "stored_input", model.layers[:k], x_ref, x[:5])
