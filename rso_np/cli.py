@@ -136,7 +136,8 @@ def build_parser():
                    help="fast (exact shortcuts, same decisions; default) or literal (Algorithm 1 line by line)")
     g.add_argument("--minibatches", choices=MINIBATCHES,
                    help="draw (a new random minibatch per weight; default) or chunks (authors: consecutive "
-                        "chunks of a shuffle per layer pass)")
+                        "chunks of a shuffle per layer pass; where --batch-size does not divide the training "
+                        "set, the images after the last whole chunk sit the pass out)")
     g.add_argument("--bn-statistics", choices=BN_STATISTICS,
                    help="minibatch (every batch norm uses the minibatch's statistics; default) or "
                         "frozen-before (authors: those before the searched layer use a reference batch's)")
@@ -298,6 +299,11 @@ def cmd_train(args):
     print(f"{c.optimizer.upper()}{engine} on {c.dataset} ({trainer.x_train.shape[0]} train / {trainer.x_test.shape[0]} "
           f"test images), model {c.model} ({trainer.model.num_weights()} weights), device {args.device}, "
           f"{c.rounds} {'rounds' if c.optimizer == 'rso' else 'epochs'}, writing to {out}", flush=True)
+    n, B = trainer.x_train.shape[0], c.rso["batch_size"]
+    if c.optimizer == "rso" and c.rso["minibatches"] == "chunks" and n % B:
+        print(f"note: --minibatches chunks with --batch-size {B}: {n // B} chunks per layer pass; the last "
+              f"{n % B} images of each pass's shuffle sit that pass out (a batch size that divides {n} uses "
+              "them all)", flush=True)
     trainer.run(stop_after=args.stop_after)
     print(f"done: {out}/loss.png, {out}/history.csv, {out}/checkpoint.npz")
 

@@ -48,7 +48,9 @@ class RSOConfig:
     minibatches: "draw" (the pseudocode, line 8: a new random minibatch for every weight) or "chunks"
         (authors: the training set is shuffled at the start of each layer pass and the minibatches are
         its consecutive chunks, one per weight, cycled; a batch-norm pass keeps the shuffle of the pass
-        before it and restarts its chunks).
+        before it and restarts its chunks). A pass has N // batch_size chunks of its N training images;
+        where batch_size does not divide N, the last N % batch_size images of the shuffle sit the pass out
+        (the authors' code requires it to divide).
     bn_statistics: what batch norm normalises with during the search. "minibatch": every batch norm uses
         the statistics of the minibatch in every trial. "frozen-before" (authors): at the start of each
         layer pass every batch norm's statistics are set from one reference batch (the first

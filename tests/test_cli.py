@@ -157,6 +157,21 @@ def test_batch_larger_than_training_set(capsys, tmp_path, fake_mnist):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("batch,note", [
+    ("8", "note: --minibatches chunks with --batch-size 8: 7 chunks per layer pass; the last 4 images of "
+          "each pass's shuffle sit that pass out (a batch size that divides 60 uses them all)"),
+    ("10", None),
+])
+def test_chunks_that_leave_images_out_say_so(capsys, tmp_path, fake_mnist, batch, note):
+    """Chunked minibatches with a batch size that does not divide the training set: the run says, before
+    it starts, how many images of each pass's shuffle sit the pass out; with one that divides, nothing."""
+    code, out, err = run_cli(["train", "--data-dir", str(fake_mnist), "--stop-after", "1", "--batch-size", batch,
+                              "--minibatches", "chunks", "--out", str(tmp_path / "run"), "--no-progress"], capsys)
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if line.startswith("note:")]
+    assert notes == ([note] if note else []), out
+
+
 @pytest.mark.parametrize("extra,needle", [
     ((), "with eval_bn_stats 'reference' the evaluation"),
     (("--eval-bn-stats", "population"), "with bn_statistics 'frozen-before' the batch norms"),
