@@ -294,12 +294,11 @@ def cmd_train(args):
     unit = "trial" if cfg.optimizer == "rso" else "step"
     trainer = Trainer(cfg, out, device=args.device, data_dir=args.data_dir, resume=args.resume,
                       log=lambda s: print(s, flush=True), progress=Progress(unit=unit) if show else None)
-    c = trainer.config
+    c, n, B = trainer.config, trainer.x_train.shape[0], trainer.config.rso["batch_size"]
     engine = f" ({c.engine} engine)" if c.optimizer == "rso" else ""
-    print(f"{c.optimizer.upper()}{engine} on {c.dataset} ({trainer.x_train.shape[0]} train / {trainer.x_test.shape[0]} "
+    print(f"{c.optimizer.upper()}{engine} on {c.dataset} ({n} train / {trainer.x_test.shape[0]} "
           f"test images), model {c.model} ({trainer.model.num_weights()} weights), device {args.device}, "
           f"{c.rounds} {'rounds' if c.optimizer == 'rso' else 'epochs'}, writing to {out}", flush=True)
-    n, B = trainer.x_train.shape[0], c.rso["batch_size"]
     if c.optimizer == "rso" and c.rso["minibatches"] == "chunks" and n % B:
         print(f"note: --minibatches chunks with --batch-size {B}: {n // B} chunks per layer pass; the last "
               f"{n % B} images of each pass's shuffle sit that pass out (a batch size that divides {n} uses "
