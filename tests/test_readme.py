@@ -25,6 +25,17 @@ def test_documents_have_result_tables():
     assert SIDE_BY_SIDE and len(IMAGES) >= 8
 
 
+@pytest.mark.parametrize("name", sorted(DOCS))
+def test_every_table_marker_is_checked(name):
+    """A marker the patterns above do not read (two paths after ``table:``, no end marker) would leave its
+    table unchecked: every ``<!-- table:`` or ``<!-- runs:`` that opens a line must start a tested block."""
+    text = DOCS[name]
+    read = sum(1 for n, _, _ in TABLES if n == name) + sum(1 for n, _, _ in SIDE_BY_SIDE if n == name)
+    markers = len(re.findall(r"^<!-- (?:table|runs):", text, re.M))      # at a line's start: not the prose
+    assert markers == read, (f"{name} has {markers} table markers, {read} of them read as "
+                             "'table: PATH' or 'runs: PATHS'")
+
+
 @pytest.mark.parametrize("name,target", IMAGES, ids=[f"{n}:{t}" for n, t in IMAGES])
 def test_figure_exists(name, target):
     """A figure's path is relative to the document that shows it (docs/results.md's start with results/)."""
