@@ -293,7 +293,7 @@ def cmd_train(args):
     show = not args.no_progress
     unit = "trial" if cfg.optimizer == "rso" else "step"
     trainer = Trainer(cfg, out, device=args.device, data_dir=args.data_dir, resume=args.resume,
-                      log=lambda s: print(s, flush=True), progress=Progress(unit=unit) if show else None)
+                      log=lambda s: print(s, flush=True), progress=_Checked(Progress(unit=unit) if show else None))
     c, n, B = trainer.config, trainer.x_train.shape[0], trainer.config.rso["batch_size"]
     engine = f" ({c.engine} engine)" if c.optimizer == "rso" else ""
     print(f"{c.optimizer.upper()}{engine} on {c.dataset} ({n} train / {trainer.x_test.shape[0]} "
@@ -343,20 +343,68 @@ class Terminated(KeyboardInterrupt):
     Ctrl-C's SIGINT (the shell sets it so), so a plain ``kill`` is how it is stopped."""
 
 
-def _terminate(signum, frame):
-    raise Terminated
+# The stop signal received, if any. A handler's exception is raised wherever Python happens to be; when that
+# is a finaliser (``__del__``) or a weakref callback, Python swallows it and passes it to sys.unraisablehook,
+# whose default prints "Exception ignored in ..." and a traceback. The signal stays recorded here, so the run
+# still stops: at its next trial (``_Checked``), or as it returns; ``_quiet_about_stops`` keeps the traceback
+# of such a swallowed stop off the screen.
+_stop_signal = None
+
+
+def _stop(signum, frame):
+    global _stop_signal
+    _stop_signal = signum
+    _raise_stop()
+
+
+def _raise_stop():
+    raise Terminated if _stop_signal == signal.SIGTERM else KeyboardInterrupt
+
+
+def _quiet_about_stops(unraisable_hook):
+    """``sys.unraisablehook`` that is silent about a stop whose exception Python swallowed (it is raised again
+    later) and passes anything else to ``unraisable_hook``."""
+    def hook(unraisable):
+        if not (_stop_signal is not None and issubclass(unraisable.exc_type, KeyboardInterrupt)):
+            unraisable_hook(unraisable)
+    return hook
+
+
+class _Checked:
+    """The progress hook (``None``: none) behind a check, made after every trial or step, for a stop signal
+    whose exception Python swallowed."""
+
+    def __init__(self, progress):
+        self.progress = progress
+
+    def __call__(self, done, total, what):
+        if _stop_signal is not None:
+            _raise_stop()
+        if self.progress is not None:
+            self.progress(done, total, what)
+
+    def __getattr__(self, name):               # the hook's other methods (``remember``), where it has them
+        return getattr(self.progress, name)
 
 
 def main(argv=None):
     # SIGTERM stops a command as Ctrl-C does (Terminated): with the message below, the lock released, no
-    # half-written file. Only the main thread may set a handler; the one before is put back on return.
-    main_thread = threading.current_thread() is threading.main_thread()
-    on_term = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    # half-written file. Ctrl-C's SIGINT goes through the same handler, unless it is ignored (a background
+    # job). Only the main thread may set handlers; the ones before are put back on return.
+    global _stop_signal
+    _stop_signal = None
+    before, unraisable_hook = {}, sys.unraisablehook
+    if threading.current_thread() is threading.main_thread():
+        before[signal.SIGTERM] = signal.signal(signal.SIGTERM, _stop)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            before[signal.SIGINT] = signal.signal(signal.SIGINT, _stop)
+        sys.unraisablehook = _quiet_about_stops(unraisable_hook)
     try:
         return _main(argv)
     finally:
-        if on_term is not None:
-            signal.signal(signal.SIGTERM, on_term)
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+        sys.unraisablehook = unraisable_hook
 
 
 def _main(argv):
@@ -364,6 +412,8 @@ def _main(argv):
         args = build_parser().parse_args(argv)
         if args.command == "train":
             cmd_train(args)
+            if _stop_signal is not None:        # it came after the last trial and Python swallowed it
+                _raise_stop()
         elif args.command == "sweep":
             from .sweep import main as sweep_main
             return sweep_main(args.spec, args.scheduler, args.workers, args.report)

@@ -311,6 +311,50 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, capsys):
     assert signal.getsignal(signal.SIGTERM) is handler, "main() puts the SIGTERM handler before it back"
 
 
+@needs_mnist
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_python_swallows_still_stops_the_run(tmp_path, capsys, monkeypatch, signum):
+    """A signal that lands while Python runs a finaliser or a weakref callback raises its exception there, and
+    Python swallows it (it only prints "Exception ignored in ..."): the run must still stop, at its next trial,
+    with the message and exit status of a plain stop, not go on to the end and exit 0."""
+    import signal
+    from rso_np import cli, training
+    sig = getattr(signal, signum)
+
+    raised = []
+
+    class SignalledInFinaliser:
+        def __del__(self):
+            try:
+                signal.raise_signal(sig)               # the handler's exception is raised here ...
+            except BaseException as exc:
+                raised.append(type(exc))
+                raise                                  # ... and Python swallows it
+
+    evaluate, calls = training.evaluate, []
+
+    def evaluate_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:                            # round 0's evaluation is done (train and test sets)
+            SignalledInFinaliser()
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", evaluate_then_signal)
+    hook = sys.unraisablehook
+    out = tmp_path / "run"
+    code, text, err = run_cli(["train", "--data-dir", str(MNIST), "--rounds", "3", "--batch-size", "16",
+                               "--out", str(out), *SMALL], capsys)
+    assert raised == [cli.Terminated if signum == "SIGTERM" else KeyboardInterrupt], raised
+    assert code == 128 + sig, (code, err)
+    word = "stopped by SIGTERM" if signum == "SIGTERM" else "interrupted"
+    assert word in err and "continue with --resume" in err, err
+    assert "Exception ignored" not in err and "Traceback" not in err, "a swallowed stop prints no traceback"
+    assert sys.unraisablehook is hook, "main() puts sys.unraisablehook back"
+    rounds = [r["round"] for r in json.loads((out / "history.json").read_text())["history"]]
+    assert rounds == [0], f"the run stops in round 1, at its first trial after the signal: {rounds}"
+    assert sorted(q.name for q in out.iterdir()) == RUN_FILES, "no lock file or temporary file is left"
+
+
 def test_plot_labels(tmp_path, monkeypatch):
     """Runs of the same optimiser and model get their folder's name in the legend; --label names them."""
     from rso_np import cli
