@@ -384,7 +384,10 @@ class _Checked:
             self.progress(done, total, what)
 
     def __getattr__(self, name):               # the hook's other methods (``remember``), where it has them
-        return getattr(self.progress, name)
+        progress = self.__dict__.get("progress")   # (not self.progress: a copy has no attributes yet)
+        if progress is None:
+            raise AttributeError(name)
+        return getattr(progress, name)
 
 
 def main(argv=None):

@@ -355,6 +355,29 @@ def test_a_stop_signal_python_swallows_still_stops_the_run(tmp_path, capsys, mon
     assert sorted(q.name for q in out.iterdir()) == RUN_FILES, "no lock file or temporary file is left"
 
 
+def test_the_checked_progress_hook_passes_on_what_the_hook_has():
+    """The check in front of the progress hook calls it, offers its ``remember`` only where it has one (the
+    trainer asks with ``hasattr``), and can be copied."""
+    import copy
+    from rso_np import cli
+    seen = []
+
+    class Hook:
+        def __call__(self, *args):
+            seen.append(args)
+
+        def remember(self, paces):
+            seen.append(paces)
+
+    checked = cli._Checked(Hook())
+    checked(1, 2, "fc.weight")
+    checked.remember(["pace"])
+    assert seen == [(1, 2, "fc.weight"), ["pace"]]
+    assert not hasattr(cli._Checked(None), "remember")
+    cli._Checked(None)(1, 2, "fc.weight")
+    assert hasattr(copy.copy(checked), "remember") and not hasattr(copy.copy(cli._Checked(None)), "remember")
+
+
 def test_plot_labels(tmp_path, monkeypatch):
     """Runs of the same optimiser and model get their folder's name in the legend; --label names them."""
     from rso_np import cli
