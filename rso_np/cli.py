@@ -408,6 +408,7 @@ def main(argv=None):
         for signum, handler in before.items():
             signal.signal(signum, handler)
         sys.unraisablehook = unraisable_hook
+        _stop_signal = None                     # acted on: a later main() or hook in this process starts clean
 
 
 def _main(argv):

@@ -350,6 +350,7 @@ def test_a_stop_signal_python_swallows_still_stops_the_run(tmp_path, capsys, mon
     assert word in err and "continue with --resume" in err, err
     assert "Exception ignored" not in err and "Traceback" not in err, "a swallowed stop prints no traceback"
     assert sys.unraisablehook is hook, "main() puts sys.unraisablehook back"
+    assert cli._stop_signal is None, "the stop is forgotten once main() has acted on it"
     rounds = [r["round"] for r in json.loads((out / "history.json").read_text())["history"]]
     assert rounds == [0], f"the run stops in round 1, at its first trial after the signal: {rounds}"
     assert sorted(q.name for q in out.iterdir()) == RUN_FILES, "no lock file or temporary file is left"
