@@ -347,18 +347,19 @@ class Terminated(KeyboardInterrupt):
 # is a finaliser (``__del__``) or a weakref callback, Python swallows it and passes it to sys.unraisablehook,
 # whose default prints "Exception ignored in ..." and a traceback. The signal stays recorded here, so the run
 # still stops: at its next trial (``_Checked``), or as it returns; ``_quiet_about_stops`` keeps the traceback
-# of such a swallowed stop off the screen.
+# of such a swallowed stop off the screen. ``main()`` clears it on return.
 _stop_signal = None
 
 
 def _stop(signum, frame):
     global _stop_signal
     _stop_signal = signum
-    _raise_stop()
+    _raise_if_stopped()
 
 
-def _raise_stop():
-    raise Terminated if _stop_signal == signal.SIGTERM else KeyboardInterrupt
+def _raise_if_stopped():
+    if _stop_signal is not None:
+        raise Terminated if _stop_signal == signal.SIGTERM else KeyboardInterrupt
 
 
 def _quiet_about_stops(unraisable_hook):
@@ -378,8 +379,7 @@ class _Checked:
         self.progress = progress
 
     def __call__(self, done, total, what):
-        if _stop_signal is not None:
-            _raise_stop()
+        _raise_if_stopped()
         if self.progress is not None:
             self.progress(done, total, what)
 
@@ -395,7 +395,6 @@ def main(argv=None):
     # half-written file. Ctrl-C's SIGINT goes through the same handler, unless it is ignored (a background
     # job). Only the main thread may set handlers; the ones before are put back on return.
     global _stop_signal
-    _stop_signal = None
     before, unraisable_hook = {}, sys.unraisablehook
     if threading.current_thread() is threading.main_thread():
         before[signal.SIGTERM] = signal.signal(signal.SIGTERM, _stop)
@@ -416,8 +415,7 @@ def _main(argv):
         args = build_parser().parse_args(argv)
         if args.command == "train":
             cmd_train(args)
-            if _stop_signal is not None:        # it came after the last trial and Python swallowed it
-                _raise_stop()
+            _raise_if_stopped()                 # a stop after the last trial, which Python swallowed
         elif args.command == "sweep":
             from .sweep import main as sweep_main
             return sweep_main(args.spec, args.scheduler, args.workers, args.report)
