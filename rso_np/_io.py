@@ -2,7 +2,9 @@
 that is stopped half-way) never sees a half-written file. And a lock that keeps a folder to one writer."""
 
 import os
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 
 try:
@@ -18,20 +20,53 @@ def _umask():
 
 
 @contextmanager
+def stop_signals_deferred():
+    """Hold Ctrl-C's SIGINT and SIGTERM while the block runs, then act on one that came in between.
+
+    A Python signal handler raises its exception wherever the program happens to be. Inside
+    ``tempfile.mkstemp``, after the file is made but before its name is returned, nobody could remove
+    it. Here the handlers wait: a signal during the block is recorded, the handlers are put back, and
+    the one recorded runs as the block ends. Only the main thread runs handlers (and may set them);
+    elsewhere the block just runs.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    before = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum))
+              for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(caught):
+            handler = before[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
+
+
+@contextmanager
 def atomic_path(path, suffix=""):
-    """Yield a temporary path in ``path``'s folder; on success it replaces ``path``, on error it is removed.
+    """Yield a temporary path in ``path``'s folder; on success it replaces ``path``, on error (a stop
+    signal included) it is removed.
 
     The file gets the usual permissions (0666 less the umask), not mkstemp's private 0600.
     """
     path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
+    tmp = None
     try:
+        with stop_signals_deferred():          # the name is known before a stop can raise
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix,
+                                       dir=os.path.dirname(os.path.abspath(path)))
+            os.close(fd)
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
